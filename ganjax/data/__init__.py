@@ -1,0 +1,1 @@
+"""TFDS builders (built-in synthetic faces, UTKFace) and grain input pipelines."""

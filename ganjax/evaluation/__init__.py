@@ -1,0 +1,1 @@
+"""Evaluation: in-loop aging metrics (and, later, FID/KID, age accuracy, identity)."""
