@@ -1,0 +1,1 @@
+"""Loss functions: adversarial, aging and (later) relation distillation."""
