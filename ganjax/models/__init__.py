@@ -1,0 +1,1 @@
+"""Flax linen modules: pure functions of parameters and inputs."""
