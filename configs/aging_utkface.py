@@ -1,0 +1,143 @@
+"""Continuous face aging via self-estimated residual age embedding (CVPR 2021; PAPERS.md §A).
+
+UTKFace on disk (download the aligned-and-cropped "UTKFace.tar.gz", unpack it, point data.manual_dir at it):
+  python -m ganjax.main --config configs/aging_utkface.py --workdir runs/utk \
+      --config.data.manual_dir=~/data/UTKFace
+Built-in synthetic faces (no download, 64 px, about 10 minutes on 2 CPU cores):
+  python -m ganjax.main --config configs/aging_utkface.py:synthetic --workdir runs/demo
+Tiny model and few steps on built-in data, for tests:
+  python -m ganjax.main --config configs/aging_utkface.py:smoke --workdir /tmp/aging_smoke
+"""
+
+import ml_collections
+
+VARIANTS = ("", "synthetic", "smoke")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    variant = (arg or "").strip()
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown variant {variant!r} for aging_utkface.py; choose one of {VARIANTS}.")
+
+    config = ml_collections.ConfigDict()
+    config.trainer = "aging"  # key into ganjax.main.TRAINERS
+    config.seed = 0  # parameter init, target-age sampling and data order all derive from it
+
+    # ---- Data -------------------------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.name = "utkface"  # "utkface" (local files) or "synthetic_faces" (built in, generated locally)
+    data.data_dir = ""  # where TFDS stores prepared datasets; "" = TFDS default (~/tensorflow_datasets)
+    data.manual_dir = "~/data/UTKFace"  # UTKFace only: folder with the original *.jpg(.chip.jpg) files
+    data.size = 128  # model input resolution (pixels, square); images are resized/cropped to it
+    data.flip = True  # random horizontal flips during training
+    data.num_workers = 2  # grain worker processes (0 = read in the main process)
+    data.age_min = 0.0  # target ages are sampled uniformly from [age_min, age_max] (years)
+    data.age_max = 100.0
+    data.eval_examples = 256  # held-out faces used for the in-loop age MAE
+    # UTKFace builder: images are stored square at this size, the split is a hash of the file name.
+    data.utkface = ml_collections.ConfigDict()
+    data.utkface.stored_size = 128
+    data.utkface.test_percent = 10
+    # Built-in synthetic faces (used by the :synthetic and :smoke variants).
+    data.synthetic = ml_collections.ConfigDict()
+    data.synthetic.num_train = 4000  # train split: this many identities, each at one random age
+    data.synthetic.num_test_identities = 32  # test split: held-out identities ...
+    data.synthetic.test_ages = (5, 15, 25, 35, 45, 55, 65, 75, 85)  # ... each rendered at these ages
+
+    # ---- Model (PAPERS.md §A) -------------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.num_ages = 101  # K: one estimator class per integer age 0..K-1; labels are clipped into it
+    model.base_features = 32  # channels of the encoder stem; doubled at each downsampling
+    model.num_downsamples = 2  # encoder feature map F is size / 2**num_downsamples
+    model.num_encoder_blocks = 4  # residual blocks at the bottleneck of the encoder
+    model.num_decoder_blocks = 4  # conditioned residual blocks of the decoder
+    config.aging = aging = ml_collections.ConfigDict()
+    aging.basis = "weights"  # aging basis a(t) = estimator row t ("weights") or its L2-normalised form
+    aging.current_age = "estimated"  # residual r = e - a(current): "estimated" (y_hat) or "label"
+    aging.conditioning = "adain"  # how e_t conditions the decoder: "adain", "channel_scale", "concat"
+
+    # ---- Discriminator ------------------------------------------------------------------------
+    config.disc = disc = ml_collections.ConfigDict()
+    disc.features = 64  # PatchGAN width of the first layer
+    disc.num_layers = 3  # PatchGAN stride-2 layers (3 = the 70x70 PatchGAN)
+    disc.norm = "instance"  # "instance" or "batch" (batch statistics of the current batch)
+    disc.age_conditioned = False  # projection-conditioned on the target age
+
+    # ---- Losses (weights) ---------------------------------------------------------------------
+    config.loss = loss = ml_collections.ConfigDict()
+    loss.adversarial = "lsgan"  # "lsgan", "nonsaturating" or "hinge"
+    loss.adversarial_weight = 1.0
+    loss.estimator_weight = 1.0  # cross-entropy of the embedded estimator on real faces
+    loss.mean_variance = False  # add the mean-variance age loss on real faces
+    loss.mean_weight = 0.2
+    loss.variance_weight = 0.05
+    loss.age_weight = 1.0  # the estimator must read the target age off the generated face
+    loss.reconstruction_weight = 10.0  # |G(x, y_hat) - x|_1
+    loss.cycle_weight = 0.0  # |G(G(x, t), y_hat) - x|_1 (off by default)
+    loss.r1_weight = 0.0  # R1 gradient penalty on real images (gamma / 2 * |grad D|^2)
+
+    # ---- Optimisation -------------------------------------------------------------------------
+    config.train = train = ml_collections.ConfigDict()
+    train.num_steps = 100_000
+    train.batch_size = 32  # global batch; must divide evenly over the mesh's data axis
+    train.g_learning_rate = 2e-4
+    train.d_learning_rate = 2e-4
+    train.b1 = 0.5
+    train.b2 = 0.999
+    train.ema_decay = 0.999  # generator EMA used for samples and evaluation (0 disables)
+
+    # ---- Mesh: axis names and sizes; -1 = all remaining devices -------------------------------
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.axes = (("data", -1),)
+
+    # ---- Periodic actions ---------------------------------------------------------------------
+    config.log = ml_collections.ConfigDict()
+    config.log.every_steps = 100  # scalars to TensorBoard and workdir/metrics.jsonl
+    config.log.sample_every_steps = 2000  # age-progression grid (PNG + TensorBoard)
+    config.log.sample_faces = 8  # rows of the grid
+    config.log.sample_ages = (10, 20, 30, 40, 50, 60, 70, 80)  # columns of the grid (after the input)
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 2000  # in-loop evaluation (age MAE, ground-truth L1 on synthetic data)
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 2000
+    config.checkpoint.keep = 3  # most recent checkpoints kept
+
+    if variant in ("synthetic", "smoke"):
+        data.name = "synthetic_faces"
+        data.size = 64
+        data.age_min, data.age_max = 0.0, 90.0
+        data.eval_examples = 128
+        model.base_features = 32
+        model.num_encoder_blocks = 3
+        model.num_decoder_blocks = 3
+        train.num_steps = 2400
+        train.batch_size = 16
+        train.g_learning_rate = 5e-4
+        train.d_learning_rate = 2e-4
+        train.ema_decay = 0.99
+        config.log.every_steps = 50
+        config.log.sample_every_steps = 800
+        config.eval.every_steps = 800
+        config.checkpoint.every_steps = 800
+    if variant == "smoke":
+        data.size = 32
+        data.num_workers = 0
+        data.eval_examples = 16
+        data.synthetic.num_train = 64
+        data.synthetic.num_test_identities = 4
+        data.synthetic.test_ages = (10, 40, 70)
+        model.base_features = 8
+        model.num_downsamples = 2
+        model.num_encoder_blocks = 1
+        model.num_decoder_blocks = 1
+        disc.features = 8
+        disc.num_layers = 2
+        train.num_steps = 6
+        train.batch_size = 8
+        config.log.every_steps = 2
+        config.log.sample_every_steps = 6
+        config.log.sample_faces = 2
+        config.log.sample_ages = (20, 60)
+        config.eval.every_steps = 6
+        config.checkpoint.every_steps = 3
+    return config

@@ -1,0 +1,1 @@
+"""One module per paper trainer; shared pieces live in `common`."""

@@ -1,0 +1,536 @@
+"""Trainer: continuous face aging via self-estimated residual age embedding (CVPR 2021).
+
+PAPERS.md §A. One jitted step updates the discriminator and the generator (encoder + embedded linear
+age estimator + decoder) from the same forward pass:
+
+  F, e = E(x);  z = W e + b;  y_hat = E_k[k];  e_t = e - a(y_hat) + a(t)   (a(.) = columns of W)
+  G loss = w_est CE(z, age) [+ mean-variance] + w_adv adv(D(G(F, e_t))) + w_age CE(z(E(G(F, e_t))), t)
+           + w_rec |G(F, e) - x| [+ w_cyc |G(G(x, t), y_hat) - x|]
+  D loss = adv(D(x), D(G(F, e_t))) [+ R1]
+
+The estimator's weights get gradients only from the real-image estimation loss: the aging basis is
+read through a stop-gradient, and the age loss on generated faces runs E and W with stopped
+parameters (a fixed judge for that term), so the generator cannot pass it by moving the judge.
+
+Loop: mesh -> data -> state -> restore -> jit steps -> loop with periodic log / eval / samples /
+checkpoint. Resume order: latest checkpoint in workdir > fresh init (see ganjax/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview, periodic_actions
+
+from ganjax import checkpoint, sharding, visualize
+from ganjax.data import pipeline
+from ganjax.evaluation import aging_in_loop
+from ganjax.losses import adversarial
+from ganjax.losses import aging as aging_losses
+from ganjax.models import age_embedding
+from ganjax.models.aging import AgingGenerator
+from ganjax.models.discriminators import PatchDiscriminator
+from ganjax.trainers import common
+from ganjax.trainers.common import check_choice, check_positive, require
+
+DATASETS = ("synthetic_faces", "utkface")
+CONDITIONINGS = ("adain", "channel_scale", "concat")
+BASES = ("weights", "normalized")
+CURRENT_AGES = ("estimated", "label")
+
+
+@flax.struct.dataclass
+class AgingState:
+    """Everything a step reads and writes; checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: number of completed steps
+    g_params: Any  # generator (encoder, estimator, decoder)
+    d_params: Any  # PatchGAN discriminator
+    ema_params: Any  # EMA of g_params, used for samples and evaluation
+    g_opt_state: Any
+    d_opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The plain (hashable) values a step needs, read once from the config."""
+
+    seed: int
+    age_min: float
+    age_max: float
+    num_ages: int
+    use_label_age: bool
+    age_conditioned_disc: bool
+    adversarial: str
+    adversarial_weight: float
+    estimator_weight: float
+    mean_variance: bool
+    mean_weight: float
+    variance_weight: float
+    age_weight: float
+    reconstruction_weight: float
+    cycle_weight: float
+    r1_weight: float
+    ema_decay: float
+
+    @classmethod
+    def from_config(cls, config) -> StepSettings:
+        loss = config.loss
+        return cls(
+            seed=config.seed,
+            age_min=float(config.data.age_min),
+            age_max=float(config.data.age_max),
+            num_ages=config.model.num_ages,
+            use_label_age=config.aging.current_age == "label",
+            age_conditioned_disc=config.disc.age_conditioned,
+            adversarial=loss.adversarial,
+            adversarial_weight=loss.adversarial_weight,
+            estimator_weight=loss.estimator_weight,
+            mean_variance=loss.mean_variance,
+            mean_weight=loss.mean_weight,
+            variance_weight=loss.variance_weight,
+            age_weight=loss.age_weight,
+            reconstruction_weight=loss.reconstruction_weight,
+            cycle_weight=loss.cycle_weight,
+            r1_weight=loss.r1_weight,
+            ema_decay=config.train.ema_decay,
+        )
+
+
+# ---- Config validation ---------------------------------------------------------------------------
+
+
+def validate_config(config) -> None:
+    """Checks everything that can be checked without devices or data; raises ConfigError."""
+    data, model, train = config.data, config.model, config.train
+    check_choice("data.name", data.name, DATASETS)
+    check_choice("aging.conditioning", config.aging.conditioning, CONDITIONINGS)
+    check_choice("aging.basis", config.aging.basis, BASES)
+    check_choice("aging.current_age", config.aging.current_age, CURRENT_AGES)
+    check_choice("loss.adversarial", config.loss.adversarial, adversarial.ADVERSARIAL_LOSSES)
+    check_choice("disc.norm", config.disc.norm, ("instance",))
+    require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
+    require(
+        0 <= data.age_min < data.age_max <= model.num_ages - 1,
+        f"config.data.age_min/age_max = {data.age_min}/{data.age_max} must satisfy "
+        f"0 <= age_min < age_max <= model.num_ages - 1 = {model.num_ages - 1}.",
+    )
+    factor = 2 ** max(model.num_downsamples, config.disc.num_layers)
+    require(
+        data.size % factor == 0 and data.size >= 4 * 2**config.disc.num_layers,
+        f"config.data.size = {data.size} must be a multiple of {factor} (2**num_downsamples and "
+        f"2**disc.num_layers) and at least {4 * 2**config.disc.num_layers}.",
+    )
+    for key in ("base_features", "num_downsamples"):
+        check_positive(f"model.{key}", model[key])
+    for key in ("num_encoder_blocks", "num_decoder_blocks"):
+        check_positive(f"model.{key}", model[key], allow_zero=True)
+    for key, value in config.loss.items():
+        if key.endswith("_weight"):
+            check_positive(f"loss.{key}", value, allow_zero=True)
+    for key in ("num_steps", "batch_size", "g_learning_rate", "d_learning_rate"):
+        check_positive(f"train.{key}", train[key])
+    require(0 <= train.ema_decay < 1, f"config.train.ema_decay = {train.ema_decay} not in [0, 1).")
+    for key in ("log.every_steps", "log.sample_every_steps", "eval.every_steps"):
+        section, name = key.split(".")
+        check_positive(key, config[section][name])
+    check_positive("checkpoint.every_steps", config.checkpoint.every_steps)
+    check_positive("checkpoint.keep", config.checkpoint.keep)
+    require(
+        all(0 <= a <= model.num_ages - 1 for a in config.log.sample_ages),
+        f"config.log.sample_ages {tuple(config.log.sample_ages)} must lie in [0, num_ages - 1].",
+    )
+
+
+# ---- Models, optimizers, state -------------------------------------------------------------------
+
+
+def build_models(config) -> tuple[AgingGenerator, PatchDiscriminator]:
+    model = AgingGenerator(
+        num_ages=config.model.num_ages,
+        base_features=config.model.base_features,
+        num_downsamples=config.model.num_downsamples,
+        num_encoder_blocks=config.model.num_encoder_blocks,
+        num_decoder_blocks=config.model.num_decoder_blocks,
+        conditioning=config.aging.conditioning,
+        normalize_basis=config.aging.basis == "normalized",
+    )
+    disc = PatchDiscriminator(
+        ndf=config.disc.features,
+        num_layers=config.disc.num_layers,
+        norm=config.disc.norm,
+        conditioning_dim=config.model.num_ages if config.disc.age_conditioned else 0,
+    )
+    return model, disc
+
+
+def build_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    train = config.train
+    g_tx = optax.adam(train.g_learning_rate, b1=train.b1, b2=train.b2)
+    d_tx = optax.adam(train.d_learning_rate, b1=train.b1, b2=train.b2)
+    return g_tx, d_tx
+
+
+def init_state(rng, *, model, disc, g_tx, d_tx, image_size: int, num_ages: int) -> AgingState:
+    """Fresh parameters; pure, so it can be jitted straight into its sharding."""
+    g_rng, d_rng = jax.random.split(rng)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    ages = jnp.zeros((1,), jnp.float32)
+    g_params = model.init(g_rng, images, ages)["params"]
+    condition = jnp.zeros((1, num_ages)) if disc.conditioning_dim else None
+    d_params = disc.init(d_rng, images, condition)["params"]
+    return AgingState(
+        step=jnp.zeros((), jnp.int32),
+        g_params=g_params,
+        d_params=d_params,
+        ema_params=g_params,
+        g_opt_state=g_tx.init(g_params),
+        d_opt_state=d_tx.init(d_params),
+    )
+
+
+# ---- The step ------------------------------------------------------------------------------------
+
+
+def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: StepSettings):
+    """One D and one G update from the same forward pass.
+
+    batch: image float32 (B, H, W, 3) in [-1, 1], age float32 (B,). Returns (new state, metrics of
+    float32 scalars).
+    """
+    s = settings
+    images, ages = batch["image"], batch["age"]
+    rng = jax.random.fold_in(jax.random.key(s.seed), state.step)
+    target_ages = jax.random.uniform(rng, ages.shape, minval=s.age_min, maxval=s.age_max, dtype=jnp.float32)
+    current_ages = ages if s.use_label_age else None
+
+    def condition(a):
+        return aging_losses.two_hot(a, s.num_ages) if s.age_conditioned_disc else None
+
+    def discriminate(d_params, x, a):
+        return disc.apply({"params": d_params}, x, condition(a))
+
+    def generator_loss(g_params):
+        out = model.apply({"params": g_params}, images, target_ages, current_ages)
+        fake = out["images"]
+        reconstruction = model.apply(
+            {"params": g_params}, out["features"], out["embedding"], method=model.decode
+        )
+        # The age judge for generated faces: the same E and W, parameters stopped.
+        judge = jax.lax.stop_gradient(g_params)
+        _, fake_embedding = model.apply({"params": judge}, fake, method=model.encode)
+        fake_logits = model.apply({"params": judge}, fake_embedding, method=model.estimate)
+
+        losses = {
+            "estimator": aging_losses.age_cross_entropy(out["logits"], ages),
+            "adversarial": adversarial.generator_loss(
+                s.adversarial, discriminate(state.d_params, fake, target_ages)
+            ),
+            "age": aging_losses.age_cross_entropy(fake_logits, target_ages),
+            "reconstruction": aging_losses.l1(reconstruction, images),
+        }
+        weights = {
+            "estimator": s.estimator_weight,
+            "adversarial": s.adversarial_weight,
+            "age": s.age_weight,
+            "reconstruction": s.reconstruction_weight,
+        }
+        if s.mean_variance:
+            losses["mean"], losses["variance"] = aging_losses.mean_variance_loss(out["logits"], ages)
+            weights.update(mean=s.mean_weight, variance=s.variance_weight)
+        if s.cycle_weight > 0:
+            back_ages = ages if s.use_label_age else out["estimated_age"]
+            back = model.apply({"params": g_params}, fake, back_ages, target_ages)["images"]
+            losses["cycle"] = aging_losses.l1(back, images)
+            weights["cycle"] = s.cycle_weight
+        total = sum(weights[k] * losses[k] for k in losses)
+        return total, (losses, fake, out["estimated_age"])
+
+    def discriminator_loss(d_params, fake):
+        real_logits = discriminate(d_params, images, ages)
+        fake_logits = discriminate(d_params, fake, target_ages)
+        loss = adversarial.discriminator_loss(s.adversarial, real_logits, fake_logits)
+        losses = {"d_adversarial": loss}
+        if s.r1_weight > 0:
+            penalty = adversarial.r1_penalty(lambda x: discriminate(d_params, x, ages), images)
+            losses["d_r1"] = penalty
+            loss = loss + 0.5 * s.r1_weight * penalty
+        return loss, losses
+
+    (g_total, (g_losses, fake, estimated_age)), g_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        state.g_params
+    )
+    fake = jax.lax.stop_gradient(fake)
+    (d_total, d_losses), d_grads = jax.value_and_grad(discriminator_loss, has_aux=True)(state.d_params, fake)
+
+    g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
+    g_params = optax.apply_updates(state.g_params, g_updates)
+    d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
+    d_params = optax.apply_updates(state.d_params, d_updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        g_params=g_params,
+        d_params=d_params,
+        ema_params=common.ema_update(state.ema_params, g_params, s.ema_decay),
+        g_opt_state=g_opt_state,
+        d_opt_state=d_opt_state,
+    )
+    metrics = {
+        "g_total": g_total,
+        "d_total": d_total,
+        **g_losses,
+        **d_losses,
+        "train_age_mae": jnp.mean(jnp.abs(estimated_age - ages)),
+        "g_grad_norm": common.tree_norm(g_grads),
+        "d_grad_norm": common.tree_norm(d_grads),
+        "g_param_norm": common.tree_norm(g_params),
+        "d_param_norm": common.tree_norm(d_params),
+    }
+    return new_state, metrics
+
+
+# ---- Evaluation functions (EMA generator) --------------------------------------------------------
+
+
+def make_eval_fns(model: AgingGenerator, mesh):
+    """Jitted estimate_age(params, images) and age_faces(params, images, targets, currents)."""
+
+    @jax.jit
+    def estimate(params, images):
+        _, embedding = model.apply({"params": params}, images, method=model.encode)
+        logits = model.apply({"params": params}, embedding, method=model.estimate)
+        return age_embedding.expected_age(logits)
+
+    @functools.partial(jax.jit, static_argnames="use_current")
+    def age(params, images, target_ages, current_ages, use_current: bool):
+        out = model.apply({"params": params}, images, target_ages, current_ages if use_current else None)
+        return out["images"]
+
+    def put(*arrays):
+        return sharding.put_replicated_batch(arrays, mesh)
+
+    return estimate, age, put
+
+
+def pick_sample_faces(eval_set: dict[str, np.ndarray], count: int) -> np.ndarray:
+    """Indices of `count` held-out faces: one per identity (its median test age) when known."""
+    identity = eval_set["identity"]
+    if np.all(identity < 0):
+        return np.arange(min(count, len(identity)))
+    picks = []
+    for ident in np.unique(identity)[:count]:
+        members = np.flatnonzero(identity == ident)
+        order = np.argsort(eval_set["age"][members], kind="stable")
+        picks.append(members[order[len(order) // 2]])
+    return np.asarray(picks)
+
+
+class AgingEvaluator:
+    """In-loop metrics and progression pictures from the EMA generator."""
+
+    def __init__(self, config, model, mesh, eval_set, batch_size: int):
+        self.config = config
+        self.eval_set = eval_set
+        self.batch_size = batch_size
+        self.use_label = config.aging.current_age == "label"
+        self._estimate, self._age, self._put = make_eval_fns(model, mesh)
+
+    def metrics(self, params) -> dict[str, float]:
+        def estimate_age(images):
+            return self._estimate(params, *self._put(images))
+
+        def age_faces(images, targets, currents):
+            return self._age(params, *self._put(images, targets, currents), self.use_label)
+
+        return aging_in_loop.evaluate(
+            self.eval_set,
+            estimate_age=estimate_age,
+            age_faces=age_faces,
+            batch_size=self.batch_size,
+            use_label_as_current_age=self.use_label,
+            ground_truth=self.config.data.name == "synthetic_faces",
+        )
+
+    def progression(self, params) -> np.ndarray:
+        """uint8 grid: rows = held-out faces, columns = input then config.log.sample_ages."""
+        picks = pick_sample_faces(self.eval_set, self.config.log.sample_faces)
+        inputs, ages = self.eval_set["image"][picks], self.eval_set["age"][picks]
+        columns = []
+        for target in self.config.log.sample_ages:
+            targets = np.full(len(picks), target, np.float32)
+            columns.append(
+                aging_in_loop.batched(
+                    lambda x, t, c: self._age(params, *self._put(x, t, c), self.use_label),
+                    (inputs, targets, ages),
+                    self.batch_size,
+                )
+            )
+        outputs = np.stack(columns, axis=1)
+        return visualize.progression_grid(inputs, outputs, self.config.log.sample_ages, ages)
+
+
+# ---- Train and evaluate ------------------------------------------------------------------------
+
+
+def _setup(config, workdir: str):
+    """Shared by train and evaluate: mesh, models, abstract state and its sharding."""
+    validate_config(config)
+    workdir = common.check_workdir_writable(workdir)
+    mesh = sharding.make_mesh(config.mesh.axes)
+    common.check_batch_divisible(
+        config.train.batch_size, sharding.data_parallel_size(mesh), jax.process_count()
+    )
+    model, disc = build_models(config)
+    g_tx, d_tx = build_optimizers(config)
+    init = functools.partial(
+        init_state,
+        model=model,
+        disc=disc,
+        g_tx=g_tx,
+        d_tx=d_tx,
+        image_size=config.data.size,
+        num_ages=config.model.num_ages,
+    )
+    state_sharding = jax.tree.map(
+        lambda _: sharding.replicated(mesh), jax.eval_shape(init, jax.random.key(0))
+    )
+    return workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding
+
+
+def _make_evaluator(config, model, mesh) -> AgingEvaluator:
+    # Synthetic test faces are all kept: every (identity, age) pair has a ground truth.
+    synthetic = config.data.name == "synthetic_faces"
+    max_examples = None if synthetic else config.data.eval_examples
+    eval_set = pipeline.load_eval_set(config.data, "test", max_examples)
+    batch_size = max(config.train.batch_size, sharding.data_parallel_size(mesh))
+    return AgingEvaluator(config, model, mesh, eval_set, batch_size)
+
+
+def train(config, workdir: str) -> AgingState:
+    """Trains (or resumes) the aging model; returns the final state."""
+    # ---- Setup: mesh, models, writers ------------------------------------------------------------
+    workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding = _setup(config, workdir)
+    writer = common.create_writer(workdir)
+    writer.write_hparams(common.flatten_config(config))
+    is_main = jax.process_index() == 0
+
+    # ---- Data --------------------------------------------------------------------------------------
+    train_iter = pipeline.make_train_iterator(
+        config.data,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    evaluator = _make_evaluator(config, model, mesh)
+
+    # ---- State: fresh, then restored from the workdir if a checkpoint exists ------------------
+    state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
+    parameter_overview.log_parameter_overview(state.g_params, msg="generator")
+    parameter_overview.log_parameter_overview(state.d_params, msg="discriminator")
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, state)
+        if data_state:
+            train_iter.set_state(data_state)
+        logging.info("Resumed from %s/%d.", ckpt.directory, latest)
+
+    # ---- Compiled step -------------------------------------------------------------------------
+    settings = StepSettings.from_config(config)
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, disc=disc, g_tx=g_tx, d_tx=d_tx, settings=settings),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # ---- Loop --------------------------------------------------------------------------------------
+    num_steps = config.train.num_steps
+    step = int(jax.device_get(state.step))
+    report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_steps=config.log.every_steps
+    )
+    history: list[tuple[int, Any]] = []  # device metrics since the last log, fetched lazily
+
+    def check_history() -> list[tuple[int, dict]]:
+        fetched = [(s, jax.device_get(m)) for s, m in history]
+        bad = common.first_nonfinite(fetched)
+        if bad is not None:
+            bad_step, name = bad
+            raise common.NonFiniteError(
+                f"{name} became NaN/Inf at step {bad_step}; stopping without writing a "
+                f"checkpoint. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}."
+            )
+        return fetched
+
+    try:
+        while step < num_steps:
+            batch = sharding.shard_batch(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            history.append((step, metrics))
+            report(step)
+            last = step == num_steps
+
+            if step % config.log.every_steps == 0 or last:
+                writer.write_scalars(step, common.mean_metrics(check_history()))
+                history.clear()
+            if step % config.eval.every_steps == 0 or last:
+                with report.timed("eval"):
+                    eval_metrics = evaluator.metrics(state.ema_params)
+                writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            if step % config.log.sample_every_steps == 0 or last:
+                grid = evaluator.progression(state.ema_params)
+                writer.write_images(step, {"age_progression": grid[None]})
+                if is_main:
+                    visualize.save_png(grid, os.path.join(workdir, "samples", f"progression_{step:07d}.png"))
+            if step % config.checkpoint.every_steps == 0 or last:
+                check_history()
+                ckpt.save(step, state, train_iter.get_state())
+            writer.flush()
+    finally:
+        ckpt.close()
+        writer.close()
+        _close_iterator(train_iter)
+    return state
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+    """Restores the latest checkpoint, writes its metrics and a progression grid."""
+    workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding = _setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    latest = ckpt.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
+    )
+    state, _ = ckpt.restore(latest, abstract)
+    ckpt.close()
+    evaluator = _make_evaluator(config, model, mesh)
+    metrics = evaluator.metrics(state.ema_params)
+    grid = evaluator.progression(state.ema_params)
+    writer = common.create_writer(workdir)
+    writer.write_scalars(latest, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.close()
+    if jax.process_index() == 0:
+        visualize.save_png(grid, os.path.join(workdir, "samples", f"eval_{latest:07d}.png"))
+    logging.info("Evaluation at step %d: %s", latest, metrics)
+    return metrics
+
+
+def _close_iterator(iterator) -> None:
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()

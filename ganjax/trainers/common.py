@@ -1,0 +1,167 @@
+"""Pieces every trainer shares: config checks, metric writers, finiteness guard, tree norms.
+
+Kept small on purpose: each trainer stays a readable linear loop and forks what it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import metric_writers
+
+# ---- Config validation ---------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message says which key and what to change."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    require(value in choices, f"config.{key} = {value!r} is not one of {tuple(choices)}.")
+
+
+def check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    bound = ">= 0" if allow_zero else "> 0"
+    require(ok, f"config.{key} = {value!r} must be {bound}.")
+
+
+def check_batch_divisible(global_batch: int, data_parallel: int, process_count: int) -> None:
+    require(
+        global_batch % data_parallel == 0,
+        f"config.train.batch_size = {global_batch} is not divisible by the mesh's data axis "
+        f"({data_parallel} devices); use a multiple of {data_parallel}.",
+    )
+    require(
+        global_batch % process_count == 0,
+        f"config.train.batch_size = {global_batch} is not divisible by the {process_count} processes.",
+    )
+
+
+def check_workdir_writable(workdir: str) -> str:
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, ".write_probe")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable: {e}") from e
+    return workdir
+
+
+# ---- Numerics ------------------------------------------------------------------------------------
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm became NaN/Inf; the run stops before writing a checkpoint."""
+
+
+def first_nonfinite(history: Sequence[tuple[int, Mapping[str, float]]]) -> tuple[int, str] | None:
+    """(step, metric name) of the first NaN/Inf value in host-side metric history, else None."""
+    for step, metrics in history:
+        for name, value in metrics.items():
+            if not math.isfinite(float(value)):
+                return step, name
+    return None
+
+
+def tree_norm(tree) -> jax.Array:
+    """Global L2 norm of a pytree of arrays (float32 scalar)."""
+    leaves = jax.tree.leaves(tree)
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+
+
+def ema_update(ema, new, decay: float):
+    """Exponential moving average of parameters; decay 0 copies `new`."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, new)
+
+
+# ---- Metric writers ------------------------------------------------------------------------------
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+    """Appends every scalar write to `path` as one JSON object: {"step": s, name: value, ...}.
+
+    Lets runs be compared with nothing but a JSON reader; other summary kinds are ignored.
+    """
+
+    def __init__(self, path: str):
+        self._file = open(path, "a")  # noqa: SIM115 - closed in close()
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+        record = {"step": int(step)}
+        record.update({k: float(np.asarray(v)) for k, v in scalars.items()})
+        self._file.write(json.dumps(record) + "\n")
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+    def flush(self):
+        self._file.flush()
+
+    def close(self):
+        if not self._file.closed:
+            self._file.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+    """TensorBoard + logging + metrics.jsonl on process 0; logging only on the other processes."""
+    if jax.process_index() != 0:
+        return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
+    default = metric_writers.create_default_writer(workdir, asynchronous=False)
+    return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def flatten_config(config) -> dict[str, Any]:
+    """ConfigDict -> {"a.b": scalar}; sequences become strings (TensorBoard hparams need scalars)."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, value: Any) -> None:
+        if hasattr(value, "items"):
+            for key, sub in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, sub)
+        elif isinstance(value, bool | int | float | str):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    visit("", config)
+    return flat
+
+
+def mean_metrics(history: Iterable[tuple[int, Mapping[str, float]]]) -> dict[str, float]:
+    history = list(history)
+    keys = history[0][1].keys()
+    return {k: float(np.mean([m[k] for _, m in history])) for k in keys}

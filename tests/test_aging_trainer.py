@@ -1,0 +1,145 @@
+"""The aging trainer end to end on the :smoke config: real data pipeline, orbax, clu writers."""
+
+import glob
+import json
+import logging
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import aging_utkface
+from ganjax import checkpoint, main
+from ganjax.trainers import aging, common
+
+LOSS_KEYS = ("g_total", "d_total", "estimator", "adversarial", "age", "reconstruction")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def smoke_config(data_dir, **overrides):
+    config = aging_utkface.get_config("smoke")
+    config.data.data_dir = data_dir
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        config[section][name] = value
+    return config
+
+
+def read_metrics(workdir):
+    """step -> merged scalars from metrics.jsonl."""
+    merged = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            merged.setdefault(record.pop("step"), {}).update(record)
+    return merged
+
+
+def losses_by_step(workdir):
+    return {
+        step: [values[k] for k in LOSS_KEYS]
+        for step, values in read_metrics(workdir).items()
+        if "g_total" in values
+    }
+
+
+def test_smoke_run_writes_everything_and_compiles_the_step_once(data_dir, tmp_path, caplog):
+    config = smoke_config(data_dir)
+    workdir = str(tmp_path / "run")
+    with caplog.at_level(logging.WARNING), jax.log_compiles(True):
+        main.run(config, workdir)
+    step_compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+    assert len(step_compiles) == 1, [r.getMessage()[:120] for r in step_compiles]
+
+    metrics = read_metrics(workdir)
+    assert sorted(s for s, v in metrics.items() if "g_total" in v) == [2, 4, 6]
+    final = metrics[6]
+    for key in LOSS_KEYS + ("g_grad_norm", "d_param_norm", "eval/age_mae", "eval/gt_l1"):
+        assert np.isfinite(final[key]), key
+    assert final["eval/copy_l1"] > 0
+    assert glob.glob(os.path.join(workdir, "events.out.tfevents.*")), "no TensorBoard file"
+    assert os.path.exists(os.path.join(workdir, "samples", "progression_0000006.png"))
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [3, 6]
+
+    # eval mode restores the latest checkpoint and reports the same metric names.
+    eval_metrics = main.run(config, workdir, mode="eval")
+    assert set(eval_metrics) == {"age_mae", "gt_l1", "copy_l1", "gt_l1_ratio"}
+
+
+def test_one_device_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
+    runs = {}
+    for axes in ((("data", 1),), (("data", -1),)):
+        config = smoke_config(data_dir, train__num_steps=3, log__every_steps=1)
+        config.mesh.axes = axes
+        workdir = str(tmp_path / f"mesh{axes[0][1]}")
+        main.run(config, workdir)
+        runs[axes[0][1]] = losses_by_step(workdir)
+    assert runs[1].keys() == runs[-1].keys() == {1, 2, 3}
+    for step in runs[1]:
+        np.testing.assert_allclose(runs[1][step], runs[-1][step], rtol=2e-4, atol=1e-5)
+
+
+def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
+    straight = str(tmp_path / "straight")
+    main.run(smoke_config(data_dir, train__num_steps=4, log__every_steps=1), straight)
+
+    resumed = str(tmp_path / "resumed")
+    main.run(smoke_config(data_dir, train__num_steps=2, log__every_steps=1), resumed)
+    main.run(smoke_config(data_dir, train__num_steps=4, log__every_steps=1), resumed)
+
+    a, b = losses_by_step(straight), losses_by_step(resumed)
+    assert a.keys() == b.keys() == {1, 2, 3, 4}
+    for step in a:
+        np.testing.assert_allclose(a[step], b[step], rtol=1e-6, atol=1e-7)
+
+
+def test_nan_loss_stops_the_run_before_a_checkpoint(data_dir, tmp_path, monkeypatch):
+    real_step = aging.train_step
+
+    def poisoned_step(state, batch, **kwargs):
+        # From step 3 on, the reconstruction loss reads NaN (as a diverging run would).
+        new_state, metrics = real_step(state, batch, **kwargs)
+        metrics["reconstruction"] = jax.numpy.where(state.step >= 2, np.nan, metrics["reconstruction"])
+        return new_state, metrics
+
+    monkeypatch.setattr(aging, "train_step", poisoned_step)
+    config = smoke_config(data_dir, log__every_steps=4, checkpoint__every_steps=2)
+    workdir = str(tmp_path / "nan")
+    with pytest.raises(common.NonFiniteError, match=r"reconstruction became NaN/Inf at step 3"):
+        main.run(config, workdir)
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2]
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("loss__adversarial", "wgan", "loss.adversarial"),
+        ("data__age_max", 150.0, "age_min/age_max"),
+        ("aging__conditioning", "film", "aging.conditioning"),
+        ("data__size", 30, "data.size"),
+        ("train__g_learning_rate", -1.0, "train.g_learning_rate"),
+    ],
+)
+def test_bad_configs_fail_early_with_the_key_named(data_dir, key, value, message):
+    config = smoke_config(data_dir, **{key: value})
+    with pytest.raises(common.ConfigError, match=message):
+        aging.validate_config(config)
+
+
+def test_batch_not_divisible_by_devices_is_reported(data_dir, tmp_path):
+    config = smoke_config(data_dir, train__batch_size=6)
+    with pytest.raises(common.ConfigError, match="not divisible by the mesh's data axis"):
+        main.run(config, str(tmp_path / "bad_batch"))
+
+
+def test_checkpoint_from_another_model_names_the_parameter(data_dir, tmp_path):
+    workdir = str(tmp_path / "shapes")
+    main.run(smoke_config(data_dir, train__num_steps=1), workdir)
+    wider = smoke_config(data_dir, train__num_steps=2, model__base_features=16)
+    with pytest.raises(checkpoint.CheckpointShapeError, match="has shape"):
+        main.run(wider, workdir)
