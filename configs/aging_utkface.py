@@ -51,6 +51,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.num_downsamples = 2  # encoder feature map F is size / 2**num_downsamples
     model.num_encoder_blocks = 4  # residual blocks at the bottleneck of the encoder
     model.num_decoder_blocks = 4  # conditioned residual blocks of the decoder
+    model.output = "image"  # "image": decoder draws the face; "residual": it draws a change added to x
     config.aging = aging = ml_collections.ConfigDict()
     aging.basis = "weights"  # aging basis a(t) = estimator row t ("weights") or its L2-normalised form
     aging.current_age = "estimated"  # residual r = e - a(current): "estimated" (y_hat) or "label"

@@ -185,3 +185,33 @@ def test_upsample_conv_equals_nearest_upsampling_then_conv():
     padded = jnp.pad(upsampled, ((0, 0), (1, 1), (1, 1), (0, 0)))
     expected = _valid_conv(padded, params["params"]["kernel"])
     np.testing.assert_allclose(jax.jit(module.apply)(params, x), expected, atol=1e-5)
+
+
+def test_embedding_carries_image_content():
+    # Regression: with an InstanceNorm right before the pool, GAP(F) is nearly the same for every
+    # image and the embedded estimator cannot learn ages. Dark vs bright faces must embed apart.
+    from ganjax.data.synthetic_faces import render
+
+    model = AgingGenerator(base_features=8, num_encoder_blocks=1, num_decoder_blocks=1)
+    faces = np.stack([render(i, age, 32) for i, age in ((0, 5.0), (0, 90.0), (1, 40.0), (2, 70.0))])
+    images = jnp.asarray(faces, jnp.float32) / 127.5 - 1.0
+    params = model.init(jax.random.key(0), images, jnp.zeros((4,)))
+    _, embedding = model.apply(params, images, method=model.encode)
+    spread = jnp.std(embedding, axis=0).mean() / jnp.abs(embedding).mean()
+    assert spread > 0.05, float(spread)
+
+
+def test_residual_output_adds_a_bounded_change_to_the_input():
+    model = AgingGenerator(base_features=8, num_encoder_blocks=1, num_decoder_blocks=1, output="residual")
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), images, jnp.zeros((2,)))
+    out = model.apply(params, images, jnp.array([10.0, 70.0]))
+    assert out["images"].shape == images.shape
+    assert float(jnp.min(out["images"])) >= -1.0 and float(jnp.max(out["images"])) <= 1.0
+    features, embedding = out["features"], out["embedding"]
+    decoded = model.apply(params, features, embedding, method=model.decode, images=images)
+    image_model = model.clone(output="image")  # same parameter tree, decoder drawn directly
+    change = 2.0 * image_model.apply(params, features, embedding, method=image_model.decode)
+    np.testing.assert_allclose(decoded, jnp.clip(images + change, -1, 1), atol=1e-6)
+    with pytest.raises(ValueError, match="needs the input images"):
+        model.apply(params, features, embedding, method=model.decode)

@@ -27,6 +27,7 @@ from ganjax.models.age_embedding import expected_age, target_embedding
 from ganjax.models.layers import InstanceNorm, reflect_pad
 
 CONDITIONINGS = ("adain", "channel_scale", "concat")
+OUTPUTS = ("image", "residual")
 
 _ONE_PIXEL = ((1, 1), (1, 1))
 
@@ -162,7 +163,8 @@ class Encoder(nn.Module):
     """(B, H, W, 3) images -> (B, h, w, C) features in `dtype`.
 
     Reflect-padded 7x7 stem + IN + ReLU; `num_downsamples` x [3x3 stride-2 conv (zero pad 1),
-    doubling channels, IN, ReLU]; `num_blocks` residual blocks.
+    doubling channels, IN, ReLU]; `num_blocks` residual blocks; a reflect-padded 3x3 conv + ReLU
+    without normalisation, so that the features' channel means carry the image's content.
     """
 
     base_features: int
@@ -189,7 +191,10 @@ class Encoder(nn.Module):
             x = nn.relu(_instance_norm(x))
         for _ in range(self.num_blocks):
             x = ResidualBlock(dtype=self.dtype)(x)
-        return x
+        # The last layer has no InstanceNorm: the embedding e = GAP(F) reads channel means, and after
+        # an IN (or a residual sum of IN outputs) those are nearly constant, leaving the estimator blind.
+        head = ReflectConv(features, 3, use_bias=True, dtype=self.dtype, name="to_features")
+        return nn.relu(head(x))
 
 
 class Decoder(nn.Module):
@@ -255,6 +260,8 @@ class AgingGenerator(nn.Module):
       num_encoder_blocks, num_decoder_blocks: residual blocks at the bottleneck.
       conditioning: "adain", "channel_scale" or "concat" (see `Decoder`).
       normalize_basis: use L2-normalised aging bases (PAPERS.md option).
+      output: "image" (the decoder draws the whole face) or "residual" (it draws a change that is
+        added to the input face; see `decode`).
       dtype: compute dtype of the convolutions; parameters are float32, and the embedding, logits,
         estimated ages and output images are float32.
 
@@ -268,11 +275,14 @@ class AgingGenerator(nn.Module):
     num_decoder_blocks: int = 4
     conditioning: str = "adain"
     normalize_basis: bool = False
+    output: str = "image"
     dtype: Any = jnp.float32
 
     def setup(self):
         if self.conditioning not in CONDITIONINGS:
             raise ValueError(f"Unknown conditioning {self.conditioning!r}; choose one of {CONDITIONINGS}.")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"Unknown output {self.output!r}; choose one of {OUTPUTS}.")
         width = self.base_features * 2**self.num_downsamples
         self.encoder = Encoder(
             self.base_features, self.num_downsamples, self.num_encoder_blocks, dtype=self.dtype
@@ -303,9 +313,21 @@ class AgingGenerator(nn.Module):
             kernel, bias = jax.lax.stop_gradient(kernel), jax.lax.stop_gradient(bias)
         return embedding.astype(jnp.float32) @ kernel + bias
 
-    def decode(self, features: jax.Array, target_embedding: jax.Array) -> jax.Array:
-        """(B, h, w, C) features + (B, C) target embedding -> (B, H, W, 3) float32 images in [-1, 1]."""
-        return self.decoder(features, target_embedding)
+    def decode(
+        self, features: jax.Array, target_embedding: jax.Array, images: jax.Array | None = None
+    ) -> jax.Array:
+        """(B, h, w, C) features + (B, C) target embedding -> (B, H, W, 3) float32 images in [-1, 1].
+
+        With `output="residual"` the decoder's output is a change added to the input `images`
+        (B, H, W, 3): out = clip(images + 2 * tanh(.), -1, 1), so identity detail need not pass the
+        bottleneck and the decoder learns only what aging changes.
+        """
+        decoded = self.decoder(features, target_embedding)
+        if self.output == "image":
+            return decoded
+        if images is None:
+            raise ValueError("AgingGenerator(output='residual').decode needs the input images.")
+        return jnp.clip(images.astype(jnp.float32) + 2.0 * decoded, -1.0, 1.0)
 
     def __call__(
         self,
@@ -344,5 +366,5 @@ class AgingGenerator(nn.Module):
             "logits": logits,
             "estimated_age": estimated,
             "target_embedding": e_t,
-            "images": self.decode(features, e_t),
+            "images": self.decode(features, e_t, images),
         }

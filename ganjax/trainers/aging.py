@@ -37,7 +37,7 @@ from ganjax.evaluation import aging_in_loop
 from ganjax.losses import adversarial
 from ganjax.losses import aging as aging_losses
 from ganjax.models import age_embedding
-from ganjax.models.aging import AgingGenerator
+from ganjax.models.aging import OUTPUTS, AgingGenerator
 from ganjax.models.discriminators import PatchDiscriminator
 from ganjax.trainers import common
 from ganjax.trainers.common import check_choice, check_positive, require
@@ -116,6 +116,7 @@ def validate_config(config) -> None:
     check_choice("aging.conditioning", config.aging.conditioning, CONDITIONINGS)
     check_choice("aging.basis", config.aging.basis, BASES)
     check_choice("aging.current_age", config.aging.current_age, CURRENT_AGES)
+    check_choice("model.output", config.model.output, OUTPUTS)
     check_choice("loss.adversarial", config.loss.adversarial, adversarial.ADVERSARIAL_LOSSES)
     check_choice("disc.norm", config.disc.norm, ("instance",))
     require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
@@ -163,6 +164,7 @@ def build_models(config) -> tuple[AgingGenerator, PatchDiscriminator]:
         num_decoder_blocks=config.model.num_decoder_blocks,
         conditioning=config.aging.conditioning,
         normalize_basis=config.aging.basis == "normalized",
+        output=config.model.output,
     )
     disc = PatchDiscriminator(
         ndf=config.disc.features,
@@ -223,7 +225,7 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
         out = model.apply({"params": g_params}, images, target_ages, current_ages)
         fake = out["images"]
         reconstruction = model.apply(
-            {"params": g_params}, out["features"], out["embedding"], method=model.decode
+            {"params": g_params}, out["features"], out["embedding"], images, method=model.decode
         )
         # The age judge for generated faces: the same E and W, parameters stopped.
         judge = jax.lax.stop_gradient(g_params)
