@@ -262,6 +262,7 @@ class AgingGenerator(nn.Module):
       normalize_basis: use L2-normalised aging bases (PAPERS.md option).
       output: "image" (the decoder draws the whole face) or "residual" (it draws a change that is
         added to the input face; see `decode`).
+      replace_feature_mean: the decoder sees F - GAP(F) + e_t instead of F (see `decode`).
       dtype: compute dtype of the convolutions; parameters are float32, and the embedding, logits,
         estimated ages and output images are float32.
 
@@ -276,6 +277,7 @@ class AgingGenerator(nn.Module):
     conditioning: str = "adain"
     normalize_basis: bool = False
     output: str = "image"
+    replace_feature_mean: bool = True
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -322,6 +324,12 @@ class AgingGenerator(nn.Module):
         (B, H, W, 3): out = clip(images + 2 * tanh(.), -1, 1), so identity detail need not pass the
         bottleneck and the decoder learns only what aging changes.
         """
+        if self.replace_feature_mean:
+            # e = GAP(F): give the decoder F with its channel means swapped for e_t. At e_t = e this
+            # is F itself; otherwise the current age that F's means carry cannot bypass e_t.
+            mean = jnp.mean(features.astype(jnp.float32), axis=(1, 2), keepdims=True)
+            shift = target_embedding.astype(jnp.float32)[:, None, None, :] - mean
+            features = (features.astype(jnp.float32) + shift).astype(features.dtype)
         decoded = self.decoder(features, target_embedding)
         if self.output == "image":
             return decoded

@@ -165,6 +165,7 @@ def build_models(config) -> tuple[AgingGenerator, PatchDiscriminator]:
         conditioning=config.aging.conditioning,
         normalize_basis=config.aging.basis == "normalized",
         output=config.model.output,
+        replace_feature_mean=config.aging.replace_feature_mean,
     )
     disc = PatchDiscriminator(
         ndf=config.disc.features,
