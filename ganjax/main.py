@@ -7,12 +7,14 @@ python -m ganjax.main --config configs/aging_utkface.py --workdir runs/utk --mod
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ganjax.trainers import aging
+from ganjax.trainers import aging, cyclegan, pix2pix
 
 # config.trainer -> module with validate_config(config), train(config, workdir),
 # evaluate(config, workdir). An explicit dict: no import-side-effect registry.
 TRAINERS = {
     "aging": aging,
+    "pix2pix": pix2pix,
+    "cyclegan": cyclegan,
 }
 MODES = ("train", "eval")
 

@@ -14,7 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import orbax.checkpoint as ocp
 from clu import metric_writers
+
+from ganjax.checkpoint import CheckpointShapeError
 
 # ---- Config validation ---------------------------------------------------------------------------
 
@@ -165,3 +169,100 @@ def mean_metrics(history: Iterable[tuple[int, Mapping[str, float]]]) -> dict[str
     history = list(history)
     keys = history[0][1].keys()
     return {k: float(np.mean([m[k] for _, m in history])) for k in keys}
+
+
+# ---- Learning-rate schedules ---------------------------------------------------------------------
+
+
+def linear_decay_schedule(learning_rate: float, num_steps: int, decay_steps: int):
+    """The reference's `--lr_policy linear` in steps: constant, then linear decay over `decay_steps`.
+
+    The reference multiplies the rate in epoch k (0-based) by 1 - max(0, k + 1 - n_epochs) / (n_epochs_decay
+    + 1); here k is the optimizer update count, n_epochs = num_steps - decay_steps and n_epochs_decay =
+    decay_steps, so the last update still uses learning_rate / (decay_steps + 1), never 0. Returns an
+    optax schedule (int count -> float32 rate).
+    """
+    constant = num_steps - decay_steps
+    if decay_steps <= 0:
+        return optax.constant_schedule(learning_rate)
+    # Update `constant - 1` is the last at full rate; join_schedules feeds the decay `count - boundary`.
+    return optax.join_schedules(
+        [
+            optax.constant_schedule(learning_rate),
+            optax.linear_schedule(learning_rate, 0.0, transition_steps=decay_steps + 1),
+        ],
+        boundaries=[constant - 1],
+    )
+
+
+# ---- Loading parts of another run's state (init_from) ------------------------------------------
+
+
+def resolve_checkpoint_step(path: str, key: str) -> str:
+    """The `<step>/state` folder that an init_from path names.
+
+    `path` may be a workdir (holding checkpoints/), its checkpoints/ folder (the latest complete step is
+    used) or one step folder checkpoints/<step>. `key` names the config entry for error messages.
+    """
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"config.{key} = {path!r} does not exist; point it at the --workdir of a finished run of the "
+            "same trainer (or its checkpoints/ folder, or one checkpoints/<step> folder)."
+        )
+    if os.path.isdir(os.path.join(path, "state")):
+        return os.path.join(path, "state")
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    # Complete steps only: orbax writes "<step>.orbax-checkpoint-tmp-*" folders and renames them.
+    steps = [
+        int(d) for d in os.listdir(path) if d.isdigit() and os.path.isdir(os.path.join(path, d, "state"))
+    ]
+    if not steps:
+        raise FileNotFoundError(
+            f"config.{key} = {path!r} holds no complete checkpoint (no <step>/state folder); train that run "
+            "first or name another one."
+        )
+    return os.path.join(path, str(max(steps)), "state")
+
+
+def restore_subtrees(path: str, targets: Mapping[str, Any], key: str) -> dict[str, Any]:
+    """Loads top-level fields of a saved train state, e.g. {"g_params": ..., "g_batch_stats": ...}.
+
+    `path`: see `resolve_checkpoint_step`. `targets` maps each field to a pytree of arrays or
+    `jax.ShapeDtypeStruct`s with shardings (the current state's); the restored arrays get the same
+    structure, shapes and shardings. Everything else in the checkpoint (optimizer state, other networks)
+    is not read. Raises FileNotFoundError for a missing path and `CheckpointShapeError` naming the first
+    parameter that is missing or has another shape.
+    """
+    state_dir = resolve_checkpoint_step(path, key)
+    saved = ocp.PyTreeCheckpointer().metadata(state_dir).item_metadata.tree
+    wanted = {name: tree for name, tree in targets.items() if jax.tree.leaves(tree)}
+    saved_leaves = dict(_named_leaves({name: saved.get(name, {}) for name in wanted}))
+    for name, leaf in _named_leaves(wanted):
+        if name not in saved_leaves:
+            raise CheckpointShapeError(
+                f"config.{key}: {state_dir} has no entry {name!r}; it was written by another trainer or a "
+                "model with a different layout."
+            )
+        saved_shape = tuple(getattr(saved_leaves[name], "shape", ()) or ())
+        if saved_shape != tuple(leaf.shape):
+            raise CheckpointShapeError(
+                f"config.{key}: {name!r} has shape {saved_shape} in {state_dir} but the config builds "
+                f"{tuple(leaf.shape)}; use the same model settings as the run that wrote it."
+            )
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), wanted)
+    restored = ocp.PyTreeCheckpointer().restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(
+            item=abstract,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True,
+        ),
+    )
+    return {name: restored[name] if name in wanted else tree for name, tree in targets.items()}
+
+
+def _named_leaves(tree) -> list[tuple[str, Any]]:
+    leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+    return [(jax.tree_util.keystr(path, simple=True, separator="/"), leaf) for path, leaf in leaves]

@@ -1,0 +1,376 @@
+"""Trainer: pix2pix (Isola et al. 2017), the paired image-to-image teacher of PAPERS.md §B.
+
+One jitted step does what the reference's `Pix2PixModel.optimize_parameters` does, in its order:
+
+  fake = G(a)                                          (train mode: batch statistics, dropout)
+  D step:  0.5 * [BCE(D(a, fake), 0) + BCE(D(a, b), 1)]  (conditional PatchGAN on concat(input, image))
+  G step:  BCE(D'(a, fake), 1) + l1_weight * |fake - b|_1, with D' = the discriminator just updated
+
+G is run forward once; its gradient is pulled back through that one forward pass (`jax.vjp`) after the D
+update, exactly as PyTorch reuses the graph of `forward()`. Batch-norm running statistics of G and D
+are part of the state (D's are updated by each of its three forward passes, as in the reference).
+Adam (2e-4, beta1 0.5) for both networks, constant then linearly decaying learning rate.
+
+Loop: mesh -> data -> state -> restore -> jit steps -> loop with periodic log / eval / samples /
+checkpoint. Resume order: latest checkpoint in workdir > config.init_from (generator and/or
+discriminator of another pix2pix run) > fresh init (see ganjax/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from clu import parameter_overview, periodic_actions
+
+from ganjax import checkpoint, sharding, visualize
+from ganjax.data import translation_pipeline
+from ganjax.evaluation import translation_in_loop
+from ganjax.losses import adversarial
+from ganjax.losses.aging import l1
+from ganjax.trainers import common
+from ganjax.trainers import translation_common as tc
+from ganjax.trainers.common import check_choice, check_positive
+
+
+@flax.struct.dataclass
+class Pix2PixState:
+    """Everything a step reads and writes; checkpointed whole."""
+
+    step: jax.Array  # int32 scalar: number of completed steps
+    g_params: Any  # generator
+    g_batch_stats: Any  # its batch-norm running statistics ({} with instance norm)
+    d_params: Any  # conditional PatchGAN (6 input channels)
+    d_batch_stats: Any
+    g_opt_state: Any
+    d_opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSettings:
+    """The plain (hashable) values a step needs, read once from the config."""
+
+    seed: int
+    adversarial: str
+    l1_weight: float
+
+    @classmethod
+    def from_config(cls, config) -> StepSettings:
+        return cls(seed=config.seed, adversarial=config.loss.adversarial, l1_weight=config.loss.l1_weight)
+
+
+# ---- Config validation ---------------------------------------------------------------------------
+
+
+def validate_config(config) -> None:
+    """Checks everything that can be checked without devices or data; raises ConfigError."""
+    tc.check_data(config.data, paired=True)
+    tc.check_networks(config)
+    tc.check_training(config)
+    check_choice("loss.adversarial", config.loss.adversarial, adversarial.ADVERSARIAL_LOSSES)
+    check_positive("loss.l1_weight", config.loss.l1_weight, allow_zero=True)
+
+
+# ---- Models, optimizers, state -------------------------------------------------------------------
+
+
+def init_state(rng, *, gen, disc, g_tx, d_tx, image_size: int) -> Pix2PixState:
+    """Fresh parameters; pure, so it can be jitted straight into its sharding."""
+    g_rng, d_rng = jax.random.split(rng)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    g_vars = gen.init(g_rng, images)
+    d_vars = disc.init(d_rng, jnp.concatenate([images, images], axis=-1))
+    return Pix2PixState(
+        step=jnp.zeros((), jnp.int32),
+        g_params=g_vars["params"],
+        g_batch_stats=g_vars.get("batch_stats", {}),
+        d_params=d_vars["params"],
+        d_batch_stats=d_vars.get("batch_stats", {}),
+        g_opt_state=g_tx.init(g_vars["params"]),
+        d_opt_state=d_tx.init(d_vars["params"]),
+    )
+
+
+# ---- The step ------------------------------------------------------------------------------------
+
+
+def train_step(state: Pix2PixState, batch, *, gen, disc, g_tx, d_tx, schedule, settings: StepSettings):
+    """One D update, then one G update against the new D (the reference's order).
+
+    batch: a (input) and b (target), float32 (B, H, W, 3) in [-1, 1]. Returns (new state, metrics of
+    float32 scalars).
+    """
+    s = settings
+    real_a, real_b = batch["a"], batch["b"]
+    rng = jax.random.fold_in(jax.random.key(s.seed), state.step)
+
+    def generate(g_params):
+        fake, new_vars = gen.apply(
+            {"params": g_params, "batch_stats": state.g_batch_stats},
+            real_a,
+            train=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": rng},
+        )
+        return fake, new_vars["batch_stats"]
+
+    def discriminate(d_params, d_stats, image):
+        logits, new_vars = disc.apply(
+            {"params": d_params, "batch_stats": d_stats},
+            jnp.concatenate([real_a, image], axis=-1),
+            train=True,
+            mutable=["batch_stats"],
+        )
+        return logits, new_vars["batch_stats"]
+
+    fake_b, g_vjp, g_batch_stats = jax.vjp(generate, state.g_params, has_aux=True)
+
+    # D: fake pairs, then real pairs (separate forward passes, so separate batch statistics).
+    def discriminator_loss(d_params):
+        fake_logits, stats = discriminate(d_params, state.d_batch_stats, jax.lax.stop_gradient(fake_b))
+        real_logits, stats = discriminate(d_params, stats, real_b)
+        loss = adversarial.discriminator_loss(s.adversarial, real_logits, fake_logits)
+        return loss, (stats, jnp.mean(real_logits), jnp.mean(fake_logits))
+
+    (d_total, (d_batch_stats, real_logit, fake_logit)), d_grads = jax.value_and_grad(
+        discriminator_loss, has_aux=True
+    )(state.d_params)
+    d_updates, d_opt_state = d_tx.update(d_grads, state.d_opt_state, state.d_params)
+    d_params = optax.apply_updates(state.d_params, d_updates)
+
+    # G: against the updated D, as the reference (it steps optimizer_D before backward_G).
+    def generator_loss(fake):
+        logits, stats = discriminate(d_params, d_batch_stats, fake)
+        losses = {
+            "g_adversarial": adversarial.generator_loss(s.adversarial, logits),
+            "g_l1": l1(fake, real_b),
+        }
+        return losses["g_adversarial"] + s.l1_weight * losses["g_l1"], (losses, stats)
+
+    (g_total, (g_losses, d_batch_stats)), fake_grad = jax.value_and_grad(generator_loss, has_aux=True)(fake_b)
+    (g_grads,) = g_vjp(fake_grad)
+    g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
+    g_params = optax.apply_updates(state.g_params, g_updates)
+
+    new_state = state.replace(
+        step=state.step + 1,
+        g_params=g_params,
+        g_batch_stats=g_batch_stats,
+        d_params=d_params,
+        d_batch_stats=d_batch_stats,
+        g_opt_state=g_opt_state,
+        d_opt_state=d_opt_state,
+    )
+    metrics = {
+        "g_total": g_total,
+        "d_total": d_total,
+        **g_losses,
+        "d_real_logit": real_logit,
+        "d_fake_logit": fake_logit,
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        "g_grad_norm": common.tree_norm(g_grads),
+        "d_grad_norm": common.tree_norm(d_grads),
+        "g_param_norm": common.tree_norm(g_params),
+        "d_param_norm": common.tree_norm(d_params),
+    }
+    return new_state, metrics
+
+
+# ---- Evaluation ----------------------------------------------------------------------------------
+
+
+class Pix2PixEvaluator:
+    """Ground-truth metrics (synthetic scenes) and (input, output, target) grids of the test images."""
+
+    def __init__(self, config, gen, mesh):
+        self.config = config
+        (self.test,) = tc.load_test_sets(config, both_directions=False)
+        self.batch_size = tc.eval_batch_size(config, mesh)
+        self._translate = translation_in_loop.make_translate_fn(
+            gen, train_mode=config.eval.train_mode, seed=config.seed
+        )
+        self._mesh = mesh
+
+    def _outputs(self, state: Pix2PixState, test) -> np.ndarray:
+        variables = {"params": state.g_params, "batch_stats": state.g_batch_stats}
+
+        def translate(images, indices):
+            return self._translate(variables, *sharding.put_replicated_batch((images, indices), self._mesh))
+
+        return translation_in_loop.translate_all(translate, test, self.batch_size)
+
+    def metrics(self, state: Pix2PixState) -> dict[str, float]:
+        if not tc.has_ground_truth(self.config):
+            return {}
+        n = min(self.config.eval.num_examples, len(self.test.inputs))
+        test = dataclasses.replace(
+            self.test,
+            inputs=self.test.inputs[:n],
+            targets=self.test.targets[:n],
+            labels=None if self.test.labels is None else self.test.labels[:n],
+        )
+        return translation_in_loop.scores(self._outputs(state, test), test)
+
+    def grid(self, state: Pix2PixState) -> np.ndarray:
+        """uint8 picture: rows = the first log.sample_images test images; columns input, output, target."""
+        rows = tc.sample_rows(self.test, self.config.log.sample_images)
+        test = dataclasses.replace(self.test, inputs=self.test.inputs[rows])
+        outputs = self._outputs(state, test)
+        return translation_in_loop.translation_grid(
+            [test.inputs, outputs, self.test.targets[rows]], ["input", "output", "target"]
+        )
+
+
+# ---- Train and evaluate ------------------------------------------------------------------------
+
+
+def _setup(config, workdir: str):
+    """Shared by train and evaluate: mesh, models, abstract state and its sharding."""
+    validate_config(config)
+    workdir = common.check_workdir_writable(workdir)
+    mesh = sharding.make_mesh(config.mesh.axes)
+    common.check_batch_divisible(
+        config.train.batch_size, sharding.data_parallel_size(mesh), jax.process_count()
+    )
+    gen, disc = tc.make_generator(config), tc.make_discriminator(config)
+    tx, schedule = tc.make_optimizer(config)
+    init = functools.partial(
+        init_state, gen=gen, disc=disc, g_tx=tx, d_tx=tx, image_size=config.data.crop_size
+    )
+    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, tc.init_key(0)))
+    return workdir, mesh, gen, disc, tx, schedule, init, state_sharding
+
+
+def _write_samples(writer, evaluator: Pix2PixEvaluator, state, step: int, workdir: str, prefix: str) -> None:
+    grid = evaluator.grid(state)
+    writer.write_images(step, {"samples/AtoB": grid[None]})
+    if jax.process_index() == 0:
+        visualize.save_png(grid, os.path.join(workdir, "samples", f"{prefix}_{step:07d}.png"))
+
+
+def train(config, workdir: str) -> Pix2PixState:
+    """Trains (or resumes) pix2pix; returns the final state."""
+    # ---- Setup: mesh, models, writers ------------------------------------------------------------
+    workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
+    writer = common.create_writer(workdir)
+    writer.write_hparams(common.flatten_config(config))
+
+    # ---- Data --------------------------------------------------------------------------------------
+    train_iter = translation_pipeline.make_paired_iterator(
+        config.data,
+        global_batch_size=config.train.batch_size,
+        seed=config.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    evaluator = Pix2PixEvaluator(config, gen, mesh)
+
+    # ---- State: workdir checkpoint > init_from > fresh ---------------------------------------------
+    state = jax.jit(init, out_shardings=state_sharding)(tc.init_key(config.seed))
+    parameter_overview.log_parameter_overview(state.g_params, msg="generator")
+    parameter_overview.log_parameter_overview(state.d_params, msg="discriminator")
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, data_state = ckpt.restore(latest, state)
+        if data_state:
+            train_iter.set_state(data_state)
+        logging.info("Resumed from %s/%d.", ckpt.directory, latest)
+    else:
+        state = tc.apply_init_from(config, state)
+
+    # ---- Compiled step -------------------------------------------------------------------------
+    step_fn = jax.jit(
+        functools.partial(
+            train_step,
+            gen=gen,
+            disc=disc,
+            g_tx=tx,
+            d_tx=tx,
+            schedule=schedule,
+            settings=StepSettings.from_config(config),
+        ),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+    # ---- Loop --------------------------------------------------------------------------------------
+    num_steps = config.train.num_steps
+    step = int(jax.device_get(state.step))
+    report = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_steps=config.log.every_steps
+    )
+    history: list[tuple[int, Any]] = []  # device metrics since the last log, fetched lazily
+
+    def check_history() -> list[tuple[int, dict]]:
+        fetched = [(s, jax.device_get(m)) for s, m in history]
+        bad = common.first_nonfinite(fetched)
+        if bad is not None:
+            bad_step, name = bad
+            raise common.NonFiniteError(
+                f"{name} became NaN/Inf at step {bad_step}; stopping without writing a "
+                f"checkpoint. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}."
+            )
+        return fetched
+
+    try:
+        while step < num_steps:
+            batch = sharding.shard_batch(next(train_iter), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            history.append((step, metrics))
+            report(step)
+            last = step == num_steps
+
+            if step % config.log.every_steps == 0 or last:
+                writer.write_scalars(step, common.mean_metrics(check_history()))
+                history.clear()
+            if step % config.eval.every_steps == 0 or last:
+                with report.timed("eval"):
+                    eval_metrics = evaluator.metrics(state)
+                if eval_metrics:
+                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+            if step % config.log.sample_every_steps == 0 or last:
+                _write_samples(writer, evaluator, state, step, workdir, "translation")
+            if step % config.checkpoint.every_steps == 0 or last:
+                check_history()
+                ckpt.save(step, state, train_iter.get_state())
+            writer.flush()
+    finally:
+        ckpt.close()
+        writer.close()
+        tc.close_iterator(train_iter)
+    return state
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+    """Restores the latest checkpoint, writes its metrics (synthetic scenes) and a sample grid."""
+    workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    latest = ckpt.latest_step()
+    if latest is None:
+        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
+    abstract = jax.eval_shape(init, tc.init_key(0))
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
+    )
+    state, _ = ckpt.restore(latest, abstract)
+    ckpt.close()
+    evaluator = Pix2PixEvaluator(config, gen, mesh)
+    metrics = evaluator.metrics(state)
+    writer = common.create_writer(workdir)
+    if metrics:
+        writer.write_scalars(latest, {f"eval/{k}": v for k, v in metrics.items()})
+    _write_samples(writer, evaluator, state, latest, workdir, "eval")
+    writer.close()
+    logging.info("Evaluation at step %d: %s", latest, metrics)
+    return metrics
