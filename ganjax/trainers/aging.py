@@ -463,30 +463,19 @@ def train(config, workdir: str) -> AgingState:
     report = periodic_actions.ReportProgress(
         num_train_steps=num_steps, writer=writer, every_steps=config.log.every_steps
     )
-    history: list[tuple[int, Any]] = []  # device metrics since the last log, fetched lazily
-
-    def check_history() -> list[tuple[int, dict]]:
-        fetched = [(s, jax.device_get(m)) for s, m in history]
-        bad = common.first_nonfinite(fetched)
-        if bad is not None:
-            bad_step, name = bad
-            raise common.NonFiniteError(
-                f"{name} became NaN/Inf at step {bad_step}; stopping without writing a "
-                f"checkpoint. Last good checkpoint: step {ckpt.latest_step()} in {ckpt.directory}."
-            )
-        return fetched
+    history = common.MetricHistory()  # device metrics since the last log, fetched lazily
 
     try:
         while step < num_steps:
             batch = sharding.shard_batch(next(train_iter), mesh)
             state, metrics = step_fn(state, batch)
             step += 1
-            history.append((step, metrics))
+            history.append(step, metrics)
             report(step)
             last = step == num_steps
 
             if step % config.log.every_steps == 0 or last:
-                writer.write_scalars(step, common.mean_metrics(check_history()))
+                writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
                 history.clear()
             if step % config.eval.every_steps == 0 or last:
                 with report.timed("eval"):
@@ -498,7 +487,7 @@ def train(config, workdir: str) -> AgingState:
                 if is_main:
                     visualize.save_png(grid, os.path.join(workdir, "samples", f"progression_{step:07d}.png"))
             if step % config.checkpoint.every_steps == 0 or last:
-                check_history()
+                history.fetch_checked(ckpt)
                 ckpt.save(step, state, train_iter.get_state())
             writer.flush()
     finally:

@@ -83,6 +83,32 @@ def first_nonfinite(history: Sequence[tuple[int, Mapping[str, float]]]) -> tuple
     return None
 
 
+class MetricHistory:
+    """Per-step device metrics since the last log. They are fetched (one host sync) only when logging
+    or before a checkpoint, and checked then: a NaN/Inf anywhere stops the run before the save."""
+
+    def __init__(self):
+        self._items: list[tuple[int, Any]] = []
+
+    def append(self, step: int, metrics) -> None:
+        self._items.append((step, metrics))
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def fetch_checked(self, checkpointer) -> list[tuple[int, dict]]:
+        """Host copies of the pending metrics; raises NonFiniteError naming the first bad one."""
+        fetched = [(step, jax.device_get(m)) for step, m in self._items]
+        bad = first_nonfinite(fetched)
+        if bad is not None:
+            bad_step, name = bad
+            raise NonFiniteError(
+                f"{name} became NaN/Inf at step {bad_step}; stopping without writing a checkpoint. "
+                f"Last good checkpoint: step {checkpointer.latest_step()} in {checkpointer.directory}."
+            )
+        return fetched
+
+
 def tree_norm(tree) -> jax.Array:
     """Global L2 norm of a pytree of arrays (float32 scalar)."""
     leaves = jax.tree.leaves(tree)
