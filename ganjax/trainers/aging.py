@@ -477,6 +477,7 @@ def train(config, workdir: str) -> AgingState:
             if step % config.log.every_steps == 0 or last:
                 writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
                 history.clear()
+                writer.flush()  # once per log interval, not on every step
             if step % config.eval.every_steps == 0 or last:
                 with report.timed("eval"):
                     eval_metrics = evaluator.metrics(state.ema_params)
@@ -489,11 +490,10 @@ def train(config, workdir: str) -> AgingState:
             if step % config.checkpoint.every_steps == 0 or last:
                 history.fetch_checked(ckpt)
                 ckpt.save(step, state, train_iter.get_state())
-            writer.flush()
     finally:
         ckpt.close()
         writer.close()
-        _close_iterator(train_iter)
+        common.close_iterator(train_iter)
     return state
 
 
@@ -520,9 +520,3 @@ def evaluate(config, workdir: str) -> dict[str, float]:
         visualize.save_png(grid, os.path.join(workdir, "samples", f"eval_{latest:07d}.png"))
     logging.info("Evaluation at step %d: %s", latest, metrics)
     return metrics
-
-
-def _close_iterator(iterator) -> None:
-    close = getattr(iterator, "close", None)
-    if callable(close):
-        close()

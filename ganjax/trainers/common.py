@@ -83,6 +83,13 @@ def first_nonfinite(history: Sequence[tuple[int, Mapping[str, float]]]) -> tuple
     return None
 
 
+def close_iterator(iterator) -> None:
+    """Stops grain's worker processes (when it has any) before the interpreter exits."""
+    close = getattr(iterator, "close", None)
+    if callable(close):
+        close()
+
+
 class MetricHistory:
     """Per-step device metrics since the last log. They are fetched (one host sync) only when logging
     or before a checkpoint, and checked then: a NaN/Inf anywhere stops the run before the save."""

@@ -323,6 +323,7 @@ def train(config, workdir: str) -> Pix2PixState:
             if step % config.log.every_steps == 0 or last:
                 writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
                 history.clear()
+                writer.flush()  # once per log interval, not on every step
             if step % config.eval.every_steps == 0 or last:
                 with report.timed("eval"):
                     eval_metrics = evaluator.metrics(state)
@@ -333,11 +334,10 @@ def train(config, workdir: str) -> Pix2PixState:
             if step % config.checkpoint.every_steps == 0 or last:
                 history.fetch_checked(ckpt)
                 ckpt.save(step, state, train_iter.get_state())
-            writer.flush()
     finally:
         ckpt.close()
         writer.close()
-        tc.close_iterator(train_iter)
+        common.close_iterator(train_iter)
     return state
 
 

@@ -229,12 +229,6 @@ def has_ground_truth(config) -> bool:
     return config.data.name == "synthetic_scenes"
 
 
-def close_iterator(iterator) -> None:
-    close = getattr(iterator, "close", None)
-    if callable(close):
-        close()
-
-
 def sample_rows(test: TestSet, count: int) -> np.ndarray:
     """Indices of the test images shown in sample grids: the first `count`."""
     return np.arange(min(count, len(test.inputs)))
