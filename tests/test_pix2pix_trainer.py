@@ -112,6 +112,8 @@ def test_smoke_run_writes_everything_and_eval_mode_agrees(reference_run, data_di
     assert glob.glob(os.path.join(reference_run, "events.out.tfevents.*")), "no TensorBoard file"
     assert os.path.exists(os.path.join(reference_run, "samples", "translation_0000004.png"))
     assert checkpoint.Checkpointer(os.path.join(reference_run, "checkpoints")).all_steps() == [2, 4]
+    saved = common.load_run_config(reference_run)  # what translate / export rebuild the networks from
+    assert saved.model.to_dict() == smoke_config(data_dir).model.to_dict()
 
     # eval mode restores step 4 and, with the same per-image dropout masks, reproduces the in-loop scores.
     eval_metrics = main.run(smoke_config(data_dir), reference_run, mode="eval")

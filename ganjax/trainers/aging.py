@@ -424,6 +424,7 @@ def train(config, workdir: str) -> AgingState:
     workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding = _setup(config, workdir)
     writer = common.create_writer(workdir)
     writer.write_hparams(common.flatten_config(config))
+    common.save_run_config(workdir, config)
     is_main = jax.process_index() == 0
 
     # ---- Data --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -179,6 +180,33 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
         return metric_writers.create_default_writer(just_logging=True, asynchronous=False)
     default = metric_writers.create_default_writer(workdir, asynchronous=False)
     return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+CONFIG_FILE = "config.json"
+
+
+def save_run_config(workdir: str, config) -> None:
+    """Writes the run's config to WORKDIR/config.json (process 0), so that tools that only get a workdir
+    (translate, export, age) rebuild the same networks. Rewritten on every (re)start: a resumed run may
+    change periodic settings, never shapes (the checkpoint restore checks those)."""
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, CONFIG_FILE)
+    with open(path + ".tmp", "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + ".tmp", path)  # never a half-written config.json
+
+
+def load_run_config(workdir: str):
+    """The ConfigDict a run saved with `save_run_config` (tuples come back as lists)."""
+    path = os.path.join(os.path.abspath(os.path.expanduser(workdir)), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} does not exist: --workdir must be the workdir of a ganjax training run (it writes "
+            f"{CONFIG_FILE} when it starts)."
+        )
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
 
 
 def flatten_config(config) -> dict[str, Any]:

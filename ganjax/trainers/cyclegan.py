@@ -379,6 +379,7 @@ def train(config, workdir: str) -> CycleGANState:
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
     writer = common.create_writer(workdir)
     writer.write_hparams(common.flatten_config(config))
+    common.save_run_config(workdir, config)
 
     # ---- Data --------------------------------------------------------------------------------------
     train_iter = translation_pipeline.make_unpaired_iterator(
