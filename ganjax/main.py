@@ -15,6 +15,9 @@ TRAINERS = {
     "aging": aging,
     "pix2pix": pix2pix,
     "cyclegan": cyclegan,
+    # SRPKD distillation: the teacher's trainer with a frozen teacher (ganjax/trainers/distillation.py)
+    "distill_pix2pix": pix2pix,
+    "distill_cyclegan": cyclegan,
 }
 MODES = ("train", "eval")
 

@@ -235,9 +235,9 @@ def test_batch_not_divisible_by_devices_is_reported(data_dir, tmp_path):
 def test_nan_loss_stops_the_run_before_a_checkpoint(data_dir, tmp_path, monkeypatch):
     real_step = pix2pix.train_step
 
-    def poisoned_step(state, batch, **kwargs):
+    def poisoned_step(state, batch, teacher_variables, **kwargs):
         # From step 3 on, the L1 loss reads NaN (as a diverging run would).
-        new_state, metrics = real_step(state, batch, **kwargs)
+        new_state, metrics = real_step(state, batch, teacher_variables, **kwargs)
         metrics["g_l1"] = jax.numpy.where(state.step >= 2, np.nan, metrics["g_l1"])
         return new_state, metrics
 

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 
-from ganjax import checkpoint, sharding, visualize
+from ganjax import sharding, visualize
 from ganjax.data import pipeline
 from ganjax.evaluation import aging_in_loop
 from ganjax.losses import adversarial
@@ -39,7 +39,7 @@ from ganjax.losses import aging as aging_losses
 from ganjax.models import age_embedding
 from ganjax.models.aging import OUTPUTS, AgingGenerator
 from ganjax.models.discriminators import PatchDiscriminator
-from ganjax.trainers import common
+from ganjax.trainers import common, loop
 from ganjax.trainers.common import check_choice, check_positive, require
 
 DATASETS = ("synthetic_faces", "utkface")
@@ -441,13 +441,8 @@ def train(config, workdir: str) -> AgingState:
     state = jax.jit(init, out_shardings=state_sharding)(jax.random.key(config.seed))
     parameter_overview.log_parameter_overview(state.g_params, msg="generator")
     parameter_overview.log_parameter_overview(state.d_params, msg="discriminator")
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
-        if data_state:
-            train_iter.set_state(data_state)
-        logging.info("Resumed from %s/%d.", ckpt.directory, latest)
+    ckpt = loop.open_checkpointer(config, workdir)
+    state, _ = loop.restore_latest(ckpt, state, train_iter)
 
     # ---- Compiled step -------------------------------------------------------------------------
     settings = StepSettings.from_config(config)
@@ -458,59 +453,30 @@ def train(config, workdir: str) -> AgingState:
         donate_argnums=0,
     )
 
-    # ---- Loop --------------------------------------------------------------------------------------
-    num_steps = config.train.num_steps
-    step = int(jax.device_get(state.step))
-    report = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=config.log.every_steps
+    def write_samples(state, step):
+        grid = evaluator.progression(state.ema_params)
+        writer.write_images(step, {"age_progression": grid[None]})
+        if is_main:
+            visualize.save_png(grid, os.path.join(workdir, "samples", f"progression_{step:07d}.png"))
+
+    return loop.train_loop(
+        config,
+        state=state,
+        step_fn=step_fn,
+        train_iter=train_iter,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=writer,
+        evaluate=lambda state: evaluator.metrics(state.ema_params),
+        write_samples=write_samples,
     )
-    history = common.MetricHistory()  # device metrics since the last log, fetched lazily
-
-    try:
-        while step < num_steps:
-            batch = sharding.shard_batch(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            history.append(step, metrics)
-            report(step)
-            last = step == num_steps
-
-            if step % config.log.every_steps == 0 or last:
-                writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
-                history.clear()
-                writer.flush()  # once per log interval, not on every step
-            if step % config.eval.every_steps == 0 or last:
-                with report.timed("eval"):
-                    eval_metrics = evaluator.metrics(state.ema_params)
-                writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            if step % config.log.sample_every_steps == 0 or last:
-                grid = evaluator.progression(state.ema_params)
-                writer.write_images(step, {"age_progression": grid[None]})
-                if is_main:
-                    visualize.save_png(grid, os.path.join(workdir, "samples", f"progression_{step:07d}.png"))
-            if step % config.checkpoint.every_steps == 0 or last:
-                history.fetch_checked(ckpt)
-                ckpt.save(step, state, train_iter.get_state())
-    finally:
-        ckpt.close()
-        writer.close()
-        common.close_iterator(train_iter)
-    return state
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
     """Restores the latest checkpoint, writes its metrics and a progression grid."""
     workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding = _setup(config, workdir)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    latest = ckpt.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
-    )
-    state, _ = ckpt.restore(latest, abstract)
-    ckpt.close()
+    abstract = loop.abstract_state(init, jax.random.key(0), state_sharding)
+    state, latest = loop.restore_for_eval(config, workdir, abstract)
     evaluator = _make_evaluator(config, model, mesh)
     metrics = evaluator.metrics(state.ema_params)
     grid = evaluator.progression(state.ema_params)

@@ -16,9 +16,14 @@ otherwise a random stored image, which the new one replaces. Here a pool is a fi
 count inside the train state, updated functionally in the jitted step with the step's RNG, so it is
 checkpointed and a resumed run continues exactly (`query_pool`).
 
-Loop: mesh -> data -> state -> restore -> jit steps -> loop with periodic log / eval / samples /
-checkpoint. Resume order: latest checkpoint in workdir > config.init_from (generators and/or
-discriminators of another CycleGAN run) > fresh init (see ganjax/checkpoint.py).
+With config.trainer = "distill_cyclegan" this is the SRPKD students' trainer (ganjax/trainers/
+distillation.py), bidirectional as in the paper: G_A and G_B each also learn from their frozen teacher
+(output L1 and relation matrices on the real input of their direction: G_A on a, G_B on b), and the
+discriminators start from the teacher's.
+
+Loop (ganjax/trainers/loop.py): mesh -> data -> state -> restore -> jit steps -> loop with periodic log /
+eval / samples / checkpoint. Resume order: latest checkpoint in workdir > config.init_from (generators
+and/or discriminators of another run) > the teacher's discriminators (distillation) > fresh init.
 """
 
 from __future__ import annotations
@@ -34,14 +39,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 
-from ganjax import checkpoint, sharding, visualize
+from ganjax import sharding, visualize
 from ganjax.data import translation_pipeline
 from ganjax.evaluation import translation_in_loop
 from ganjax.losses import adversarial
 from ganjax.losses.aging import l1
-from ganjax.trainers import common
+from ganjax.trainers import common, distillation, loop
 from ganjax.trainers import translation_common as tc
 from ganjax.trainers.common import check_choice, check_positive, require
 
@@ -125,6 +130,7 @@ class StepSettings:
     cycle_b_weight: float
     identity_weight: float
     pool_size: int
+    distill: distillation.DistillSettings | None = None  # None: a plain CycleGAN run
 
     @classmethod
     def from_config(cls, config) -> StepSettings:
@@ -136,6 +142,7 @@ class StepSettings:
             cycle_b_weight=loss.cycle_b_weight,
             identity_weight=loss.identity_weight,
             pool_size=config.train.pool_size,
+            distill=distillation.DistillSettings.from_config(config),
         )
 
 
@@ -156,6 +163,7 @@ def validate_config(config) -> None:
         "config.loss.identity_weight scales the cycle weights (the reference's lambda_identity), so it "
         "has no effect with both cycle weights 0; set it to 0 too.",
     )
+    distillation.validate_config(config)
 
 
 # ---- Models, optimizers, state -------------------------------------------------------------------
@@ -186,34 +194,61 @@ def init_state(rng, *, gen, disc, g_tx, d_tx, image_size: int, pool_size: int) -
 # ---- The step ------------------------------------------------------------------------------------
 
 
-def train_step(state: CycleGANState, batch, *, gen, disc, g_tx, d_tx, schedule, settings: StepSettings):
+def train_step(
+    state: CycleGANState,
+    batch,
+    teacher_variables,
+    *,
+    gen,
+    disc,
+    teacher,
+    g_tx,
+    d_tx,
+    schedule,
+    settings: StepSettings,
+):
     """One update of both generators, then one of both discriminators (the reference's order).
 
-    batch: a and b, float32 (B, H, W, 3) in [-1, 1], unpaired. Returns (new state, metrics of float32
-    scalars).
+    batch: a and b, float32 (B, H, W, 3) in [-1, 1], unpaired. teacher_variables / teacher: the frozen
+    teachers {"G_A": variables, "G_B": variables} and their module when distilling (settings.distill),
+    else {} / None. Returns (new state, metrics of float32 scalars).
     """
     s = settings
     real_a, real_b = batch["a"], batch["b"]
     rng = jax.random.fold_in(jax.random.key(s.seed), state.step)
     dropout_rng, pool_a_rng, pool_b_rng = jax.random.split(rng, 3)
+    feature_names = s.distill.feature_names if s.distill else ()
+    if s.distill:
+        teacher_a = distillation.teacher_forward(
+            teacher, teacher_variables["G_A"], real_a, s.distill, jax.random.fold_in(rng, 100)
+        )
+        teacher_b = distillation.teacher_forward(
+            teacher, teacher_variables["G_B"], real_b, s.distill, jax.random.fold_in(rng, 101)
+        )
 
-    def run(module, params, stats, name, x, call):
-        """Applies network `name` in train mode; returns (output, its updated batch statistics)."""
+    def run(module, params, stats, name, x, call, features=()):
+        """Applies network `name` in train mode; returns (output, its updated batch statistics), the
+        output being (image, {layer: feature}) when `features` names taps."""
         out, new_vars = module.apply(
             {"params": params[name], "batch_stats": stats[name]},
             x,
             train=True,
             mutable=["batch_stats"],
             rngs={"dropout": jax.random.fold_in(dropout_rng, call)},
+            **({"return_features": features} if features else {}),
         )
         return out, {**stats, name: new_vars["batch_stats"]}
 
     def generator_loss(g_params):
         g_stats, d_stats = state.g_batch_stats, state.d_batch_stats
         # The reference's forward(), then backward_G()'s identity passes, in its order.
-        fake_b, g_stats = run(gen, g_params, g_stats, "G_A", real_a, 0)
+        fake_b, g_stats = run(gen, g_params, g_stats, "G_A", real_a, 0, feature_names)
+        if feature_names:
+            fake_b, features_a = fake_b
         rec_a, g_stats = run(gen, g_params, g_stats, "G_B", fake_b, 1)
-        fake_a, g_stats = run(gen, g_params, g_stats, "G_B", real_b, 2)
+        fake_a, g_stats = run(gen, g_params, g_stats, "G_B", real_b, 2, feature_names)
+        if feature_names:
+            fake_a, features_b = fake_a
         rec_b, g_stats = run(gen, g_params, g_stats, "G_A", fake_a, 3)
         losses, weights = {}, {}
         if s.identity_weight > 0:
@@ -227,6 +262,16 @@ def train_step(state: CycleGANState, batch, *, gen, disc, g_tx, d_tx, schedule, 
         losses["g_b"], weights["g_b"] = adversarial.generator_loss(s.adversarial, logits_a), 1.0
         losses["cycle_a"], weights["cycle_a"] = l1(rec_a, real_a), s.cycle_a_weight
         losses["cycle_b"], weights["cycle_b"] = l1(rec_b, real_b), s.cycle_b_weight
+        if s.distill:  # G_A against its teacher on a, G_B against its teacher on b
+            for student_out, student_features, (teacher_out, teacher_features), suffix in (
+                (fake_b, features_a if feature_names else {}, teacher_a, "_a"),
+                (fake_a, features_b if feature_names else {}, teacher_b, "_b"),
+            ):
+                kd, kd_weights = distillation.student_losses(
+                    s.distill, student_out, student_features, teacher_out, teacher_features, suffix
+                )
+                losses.update(kd)
+                weights.update(kd_weights)
         total = sum(weights[k] * losses[k] for k in losses)
         return total, (losses, fake_a, fake_b, g_stats, d_stats)
 
@@ -374,7 +419,7 @@ def _write_samples(writer, evaluator: CycleGANEvaluator, state, step: int, workd
 
 
 def train(config, workdir: str) -> CycleGANState:
-    """Trains (or resumes) CycleGAN; returns the final state."""
+    """Trains (or resumes) CycleGAN, or distils both CycleGAN students; returns the final state."""
     # ---- Setup: mesh, models, writers ------------------------------------------------------------
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
     writer = common.create_writer(workdir)
@@ -391,19 +436,19 @@ def train(config, workdir: str) -> CycleGANState:
     )
     evaluator = CycleGANEvaluator(config, gen, mesh)
 
-    # ---- State: workdir checkpoint > init_from > fresh ---------------------------------------------
+    # ---- State: workdir checkpoint > init_from > teachers' D (distillation) > fresh --------------
     state = jax.jit(init, out_shardings=state_sharding)(tc.init_key(config.seed))
     parameter_overview.log_parameter_overview(state.g_params, msg="generators")
     parameter_overview.log_parameter_overview(state.d_params, msg="discriminators")
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
-        if data_state:
-            train_iter.set_state(data_state)
-        logging.info("Resumed from %s/%d.", ckpt.directory, latest)
-    else:
-        state = tc.apply_init_from(config, state)
+    teacher, teacher_variables = None, {}
+    if distillation.is_distillation(config):
+        teacher = distillation.make_teacher(config)
+        teacher_variables = distillation.load_teacher(config, mesh, GENERATORS)
+        distillation.log_model_costs(writer, config, teacher_variables, state.g_params)
+    ckpt = loop.open_checkpointer(config, workdir)
+    state, resumed = loop.restore_latest(ckpt, state, train_iter)
+    if not resumed:
+        state = tc.apply_init_from(config, distillation.init_discriminators_from_teacher(config, state))
 
     # ---- Compiled step -------------------------------------------------------------------------
     step_fn = jax.jit(
@@ -411,67 +456,37 @@ def train(config, workdir: str) -> CycleGANState:
             train_step,
             gen=gen,
             disc=disc,
+            teacher=teacher,
             g_tx=tx,
             d_tx=tx,
             schedule=schedule,
             settings=StepSettings.from_config(config),
         ),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
-    # ---- Loop --------------------------------------------------------------------------------------
-    num_steps = config.train.num_steps
-    step = int(jax.device_get(state.step))
-    report = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=config.log.every_steps
+    return loop.train_loop(
+        config,
+        state=state,
+        step_fn=lambda state, batch: step_fn(state, batch, teacher_variables),
+        train_iter=train_iter,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=writer,
+        evaluate=evaluator.metrics,
+        write_samples=lambda state, step: _write_samples(
+            writer, evaluator, state, step, workdir, "translation"
+        ),
     )
-    history = common.MetricHistory()  # device metrics since the last log, fetched lazily
-
-    try:
-        while step < num_steps:
-            batch = sharding.shard_batch(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            history.append(step, metrics)
-            report(step)
-            last = step == num_steps
-
-            if step % config.log.every_steps == 0 or last:
-                writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
-                history.clear()
-                writer.flush()  # once per log interval, not on every step
-            if step % config.eval.every_steps == 0 or last:
-                with report.timed("eval"):
-                    eval_metrics = evaluator.metrics(state)
-                if eval_metrics:
-                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            if step % config.log.sample_every_steps == 0 or last:
-                _write_samples(writer, evaluator, state, step, workdir, "translation")
-            if step % config.checkpoint.every_steps == 0 or last:
-                history.fetch_checked(ckpt)
-                ckpt.save(step, state, train_iter.get_state())
-    finally:
-        ckpt.close()
-        writer.close()
-        common.close_iterator(train_iter)
-    return state
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
     """Restores the latest checkpoint, writes its metrics (synthetic scenes) and sample grids."""
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    latest = ckpt.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
-    abstract = jax.eval_shape(init, tc.init_key(0))
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
-    )
-    state, _ = ckpt.restore(latest, abstract)
-    ckpt.close()
+    abstract = loop.abstract_state(init, tc.init_key(0), state_sharding)
+    state, latest = loop.restore_for_eval(config, workdir, abstract)
     evaluator = CycleGANEvaluator(config, gen, mesh)
     metrics = evaluator.metrics(state)
     writer = common.create_writer(workdir)

@@ -11,9 +11,13 @@ update, exactly as PyTorch reuses the graph of `forward()`. Batch-norm running s
 are part of the state (D's are updated by each of its three forward passes, as in the reference).
 Adam (2e-4, beta1 0.5) for both networks, constant then linearly decaying learning rate.
 
-Loop: mesh -> data -> state -> restore -> jit steps -> loop with periodic log / eval / samples /
-checkpoint. Resume order: latest checkpoint in workdir > config.init_from (generator and/or
-discriminator of another pix2pix run) > fresh init (see ganjax/checkpoint.py).
+With config.trainer = "distill_pix2pix" this is the SRPKD student's trainer (ganjax/trainers/
+distillation.py): the G step also pulls the generator towards a frozen teacher's output and relation
+matrices, and the discriminator starts from the teacher's.
+
+Loop (ganjax/trainers/loop.py): mesh -> data -> state -> restore -> jit steps -> loop with periodic log /
+eval / samples / checkpoint. Resume order: latest checkpoint in workdir > config.init_from (generator
+and/or discriminator of another run) > the teacher's discriminator (distillation) > fresh init.
 """
 
 from __future__ import annotations
@@ -29,14 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from clu import parameter_overview, periodic_actions
+from clu import parameter_overview
 
-from ganjax import checkpoint, sharding, visualize
+from ganjax import sharding, visualize
 from ganjax.data import translation_pipeline
 from ganjax.evaluation import translation_in_loop
 from ganjax.losses import adversarial
 from ganjax.losses.aging import l1
-from ganjax.trainers import common
+from ganjax.trainers import common, distillation, loop
 from ganjax.trainers import translation_common as tc
 from ganjax.trainers.common import check_choice, check_positive
 
@@ -61,10 +65,16 @@ class StepSettings:
     seed: int
     adversarial: str
     l1_weight: float
+    distill: distillation.DistillSettings | None = None  # None: a plain pix2pix run
 
     @classmethod
     def from_config(cls, config) -> StepSettings:
-        return cls(seed=config.seed, adversarial=config.loss.adversarial, l1_weight=config.loss.l1_weight)
+        return cls(
+            seed=config.seed,
+            adversarial=config.loss.adversarial,
+            l1_weight=config.loss.l1_weight,
+            distill=distillation.DistillSettings.from_config(config),
+        )
 
 
 # ---- Config validation ---------------------------------------------------------------------------
@@ -77,6 +87,7 @@ def validate_config(config) -> None:
     tc.check_training(config)
     check_choice("loss.adversarial", config.loss.adversarial, adversarial.ADVERSARIAL_LOSSES)
     check_positive("loss.l1_weight", config.loss.l1_weight, allow_zero=True)
+    distillation.validate_config(config)
 
 
 # ---- Models, optimizers, state -------------------------------------------------------------------
@@ -102,25 +113,45 @@ def init_state(rng, *, gen, disc, g_tx, d_tx, image_size: int) -> Pix2PixState:
 # ---- The step ------------------------------------------------------------------------------------
 
 
-def train_step(state: Pix2PixState, batch, *, gen, disc, g_tx, d_tx, schedule, settings: StepSettings):
+def train_step(
+    state: Pix2PixState,
+    batch,
+    teacher_variables,
+    *,
+    gen,
+    disc,
+    teacher,
+    g_tx,
+    d_tx,
+    schedule,
+    settings: StepSettings,
+):
     """One D update, then one G update against the new D (the reference's order).
 
-    batch: a (input) and b (target), float32 (B, H, W, 3) in [-1, 1]. Returns (new state, metrics of
-    float32 scalars).
+    batch: a (input) and b (target), float32 (B, H, W, 3) in [-1, 1]. teacher_variables / teacher: the
+    frozen teacher generator's variables and module when distilling (settings.distill), else {} / None.
+    Returns (new state, metrics of float32 scalars).
     """
     s = settings
     real_a, real_b = batch["a"], batch["b"]
     rng = jax.random.fold_in(jax.random.key(s.seed), state.step)
+    feature_names = s.distill.feature_names if s.distill else ()
+    if s.distill:
+        teacher_out, teacher_features = distillation.teacher_forward(
+            teacher, teacher_variables, real_a, s.distill, jax.random.fold_in(rng, 1)
+        )
 
     def generate(g_params):
-        fake, new_vars = gen.apply(
+        out, new_vars = gen.apply(
             {"params": g_params, "batch_stats": state.g_batch_stats},
             real_a,
             train=True,
+            return_features=feature_names,
             mutable=["batch_stats"],
             rngs={"dropout": rng},
         )
-        return fake, new_vars["batch_stats"]
+        fake, features = out if feature_names else (out, {})
+        return (fake, features), new_vars["batch_stats"]
 
     def discriminate(d_params, d_stats, image):
         logits, new_vars = disc.apply(
@@ -131,7 +162,7 @@ def train_step(state: Pix2PixState, batch, *, gen, disc, g_tx, d_tx, schedule, s
         )
         return logits, new_vars["batch_stats"]
 
-    fake_b, g_vjp, g_batch_stats = jax.vjp(generate, state.g_params, has_aux=True)
+    (fake_b, features), g_vjp, g_batch_stats = jax.vjp(generate, state.g_params, has_aux=True)
 
     # D: fake pairs, then real pairs (separate forward passes, so separate batch statistics).
     def discriminator_loss(d_params):
@@ -147,16 +178,26 @@ def train_step(state: Pix2PixState, batch, *, gen, disc, g_tx, d_tx, schedule, s
     d_params = optax.apply_updates(state.d_params, d_updates)
 
     # G: against the updated D, as the reference (it steps optimizer_D before backward_G).
-    def generator_loss(fake):
+    # The loss is a function of G's output (and tapped features), pulled back through G's one forward pass.
+    def generator_loss(outputs):
+        fake, features = outputs
         logits, stats = discriminate(d_params, d_batch_stats, fake)
         losses = {
             "g_adversarial": adversarial.generator_loss(s.adversarial, logits),
             "g_l1": l1(fake, real_b),
         }
-        return losses["g_adversarial"] + s.l1_weight * losses["g_l1"], (losses, stats)
+        weights = {"g_adversarial": 1.0, "g_l1": s.l1_weight}
+        if s.distill:
+            kd, kd_weights = distillation.student_losses(
+                s.distill, fake, features, teacher_out, teacher_features
+            )
+            losses, weights = {**losses, **kd}, {**weights, **kd_weights}
+        return sum(weights[k] * losses[k] for k in losses), (losses, stats)
 
-    (g_total, (g_losses, d_batch_stats)), fake_grad = jax.value_and_grad(generator_loss, has_aux=True)(fake_b)
-    (g_grads,) = g_vjp(fake_grad)
+    (g_total, (g_losses, d_batch_stats)), outputs_grad = jax.value_and_grad(generator_loss, has_aux=True)(
+        (fake_b, features)
+    )
+    (g_grads,) = g_vjp(outputs_grad)
     g_updates, g_opt_state = g_tx.update(g_grads, state.g_opt_state, state.g_params)
     g_params = optax.apply_updates(state.g_params, g_updates)
 
@@ -257,7 +298,7 @@ def _write_samples(writer, evaluator: Pix2PixEvaluator, state, step: int, workdi
 
 
 def train(config, workdir: str) -> Pix2PixState:
-    """Trains (or resumes) pix2pix; returns the final state."""
+    """Trains (or resumes) pix2pix, or distils a pix2pix student; returns the final state."""
     # ---- Setup: mesh, models, writers ------------------------------------------------------------
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
     writer = common.create_writer(workdir)
@@ -274,19 +315,21 @@ def train(config, workdir: str) -> Pix2PixState:
     )
     evaluator = Pix2PixEvaluator(config, gen, mesh)
 
-    # ---- State: workdir checkpoint > init_from > fresh ---------------------------------------------
+    # ---- State: workdir checkpoint > init_from > teacher's D (distillation) > fresh ---------------
     state = jax.jit(init, out_shardings=state_sharding)(tc.init_key(config.seed))
     parameter_overview.log_parameter_overview(state.g_params, msg="generator")
     parameter_overview.log_parameter_overview(state.d_params, msg="discriminator")
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, data_state = ckpt.restore(latest, state)
-        if data_state:
-            train_iter.set_state(data_state)
-        logging.info("Resumed from %s/%d.", ckpt.directory, latest)
-    else:
-        state = tc.apply_init_from(config, state)
+    teacher, teacher_variables = None, {}
+    if distillation.is_distillation(config):
+        teacher, teacher_variables = (
+            distillation.make_teacher(config),
+            distillation.load_teacher(config, mesh, None),
+        )
+        distillation.log_model_costs(writer, config, teacher_variables, state.g_params)
+    ckpt = loop.open_checkpointer(config, workdir)
+    state, resumed = loop.restore_latest(ckpt, state, train_iter)
+    if not resumed:
+        state = tc.apply_init_from(config, distillation.init_discriminators_from_teacher(config, state))
 
     # ---- Compiled step -------------------------------------------------------------------------
     step_fn = jax.jit(
@@ -294,67 +337,38 @@ def train(config, workdir: str) -> Pix2PixState:
             train_step,
             gen=gen,
             disc=disc,
+            teacher=teacher,
             g_tx=tx,
             d_tx=tx,
             schedule=schedule,
             settings=StepSettings.from_config(config),
         ),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
         out_shardings=(state_sharding, sharding.replicated(mesh)),
         donate_argnums=0,
     )
 
-    # ---- Loop --------------------------------------------------------------------------------------
-    num_steps = config.train.num_steps
-    step = int(jax.device_get(state.step))
-    report = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_steps=config.log.every_steps
+    return loop.train_loop(
+        config,
+        state=state,
+        step_fn=lambda state, batch: step_fn(state, batch, teacher_variables),
+        train_iter=train_iter,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=writer,
+        evaluate=evaluator.metrics,
+        write_samples=lambda state, step: _write_samples(
+            writer, evaluator, state, step, workdir, "translation"
+        ),
     )
-    history = common.MetricHistory()  # device metrics since the last log, fetched lazily
-
-    try:
-        while step < num_steps:
-            batch = sharding.shard_batch(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            history.append(step, metrics)
-            report(step)
-            last = step == num_steps
-
-            if step % config.log.every_steps == 0 or last:
-                writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
-                history.clear()
-                writer.flush()  # once per log interval, not on every step
-            if step % config.eval.every_steps == 0 or last:
-                with report.timed("eval"):
-                    eval_metrics = evaluator.metrics(state)
-                if eval_metrics:
-                    writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            if step % config.log.sample_every_steps == 0 or last:
-                _write_samples(writer, evaluator, state, step, workdir, "translation")
-            if step % config.checkpoint.every_steps == 0 or last:
-                history.fetch_checked(ckpt)
-                ckpt.save(step, state, train_iter.get_state())
-    finally:
-        ckpt.close()
-        writer.close()
-        common.close_iterator(train_iter)
-    return state
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
     """Restores the latest checkpoint, writes its metrics (synthetic scenes) and a sample grid."""
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
-    latest = ckpt.latest_step()
-    if latest is None:
-        raise FileNotFoundError(f"No checkpoint in {ckpt.directory}: train first (--mode=train).")
-    abstract = jax.eval_shape(init, tc.init_key(0))
-    abstract = jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sharding
+    state, latest = loop.restore_for_eval(
+        config, workdir, loop.abstract_state(init, tc.init_key(0), state_sharding)
     )
-    state, _ = ckpt.restore(latest, abstract)
-    ckpt.close()
     evaluator = Pix2PixEvaluator(config, gen, mesh)
     metrics = evaluator.metrics(state)
     writer = common.create_writer(workdir)
