@@ -1,0 +1,8 @@
+"""PyTorch interoperability: junyanz/pytorch-CycleGAN-and-pix2pix checkpoints in and out of ganjax.
+
+  ganjax.interop.torch            read/write .pth state_dicts <-> Flax variables (needs torch)
+  ganjax.interop.convert          the command line: `python -m ganjax.interop.convert --help`
+  ganjax.interop.torch_reference  PyTorch builds of the reference networks (parity tests, benchmarks)
+
+Importing this package needs no torch; the functions that read or write .pth files import it when called.
+"""
