@@ -214,7 +214,7 @@ class RunGenerator:
 def downsampling_factor(config) -> int:
     """Input sizes must be multiples of this (2 ** the generator's number of halvings)."""
     # translation_common's table is the one its config check uses: keep one source of truth.
-    return 2 ** tc._GENERATOR_DOWNSAMPLING[config.model.generator]
+    return 2 ** tc.GENERATOR_DOWNSAMPLING[config.model.generator]
 
 
 def load_generator(workdir: str, direction: str | None = None, step: int | None = None) -> RunGenerator:

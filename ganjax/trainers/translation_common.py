@@ -32,7 +32,7 @@ from ganjax.trainers import common
 from ganjax.trainers.common import check_choice, check_positive, require
 
 # How many times a generator halves the image: the crop size must be a multiple of 2**this.
-_GENERATOR_DOWNSAMPLING = {"resnet_9blocks": 2, "resnet_6blocks": 2, "unet_256": 8, "unet_128": 7}
+GENERATOR_DOWNSAMPLING = {"resnet_9blocks": 2, "resnet_6blocks": 2, "unet_256": 8, "unet_128": 7}
 
 
 # ---- Config validation ---------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def check_networks(config) -> None:
     check_positive("model.ngf", model.ngf)
     check_positive("disc.features", disc.features)
     check_positive("disc.num_layers", disc.num_layers)
-    factor = 2 ** _GENERATOR_DOWNSAMPLING[model.generator]
+    factor = 2 ** GENERATOR_DOWNSAMPLING[model.generator]
     require(
         crop % factor == 0,
         f"config.data.crop_size = {crop} must be a multiple of {factor} for model.generator = "
