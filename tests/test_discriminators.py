@@ -1,4 +1,5 @@
-"""PatchGAN discriminator against a PyTorch build of the junyanz reference `NLayerDiscriminator`."""
+"""PatchGAN discriminator against a PyTorch build of the junyanz reference `NLayerDiscriminator`
+(`ganjax.interop.torch_reference`), weights copied through its state_dict by `ganjax.interop.torch`."""
 
 import functools
 
@@ -10,67 +11,19 @@ import pytest
 from ganjax.models.discriminators import PatchDiscriminator
 
 torch = pytest.importorskip("torch")
-tnn = torch.nn
+
+# The PyTorch `NLayerDiscriminator` and the state_dict conversion under test live in the library.
+from ganjax.interop.parity import images, nchw, state_dict_arrays  # noqa: E402
+from ganjax.interop.torch import discriminator_table, variables_from_state_dict  # noqa: E402
+from ganjax.interop.torch_reference import NLayerDiscriminator, randomize_batch_norm  # noqa: E402
 
 
-def torch_patchgan(ndf=64, n_layers=3, norm="instance", input_nc=3):
-    """`NLayerDiscriminator(input_nc, ndf, n_layers, norm_layer)` from the reference networks.py."""
-    if norm == "instance":
-        norm_layer = functools.partial(tnn.InstanceNorm2d, affine=False, track_running_stats=False)
-    else:
-        norm_layer = functools.partial(tnn.BatchNorm2d, affine=True, track_running_stats=True)
-    use_bias = norm == "instance"
-    seq = [tnn.Conv2d(input_nc, ndf, 4, stride=2, padding=1), tnn.LeakyReLU(0.2, True)]
-    mult = 1
-    for n in range(1, n_layers):
-        prev, mult = mult, min(2**n, 8)
-        seq += [tnn.Conv2d(ndf * prev, ndf * mult, 4, stride=2, padding=1, bias=use_bias)]
-        seq += [norm_layer(ndf * mult), tnn.LeakyReLU(0.2, True)]
-    prev, mult = mult, min(2**n_layers, 8)
-    seq += [tnn.Conv2d(ndf * prev, ndf * mult, 4, stride=1, padding=1, bias=use_bias)]
-    seq += [norm_layer(ndf * mult), tnn.LeakyReLU(0.2, True)]
-    seq += [tnn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
-    return tnn.Sequential(*seq)
-
-
-def _t2n(t):
-    return np.array(t.detach().cpu().numpy(), np.float32)  # a copy: torch updates stats in place
-
-
-def port_torch(net):
-    """Flax variables of PatchDiscriminator from the torch module: conv_i / norm_i in forward order."""
-    params, stats = {}, {}
-    convs = [m for m in net if isinstance(m, tnn.Conv2d)]
-    norms = [m for m in net if isinstance(m, tnn.BatchNorm2d)]
-    for i, m in enumerate(convs):
-        params[f"conv_{i}"] = {"kernel": _t2n(m.weight).transpose(2, 3, 1, 0)}
-        if m.bias is not None:
-            params[f"conv_{i}"]["bias"] = _t2n(m.bias)
-    for i, m in enumerate(norms, start=1):
-        params[f"norm_{i}"] = {"scale": _t2n(m.weight), "bias": _t2n(m.bias)}
-        stats[f"norm_{i}"] = {"mean": _t2n(m.running_mean), "var": _t2n(m.running_var)}
-    return {"params": params, "batch_stats": stats} if stats else {"params": params}
-
-
-def randomize_bn(net, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in net.modules():
-        if isinstance(m, tnn.BatchNorm2d):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.1 * torch.randn(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-
-
-def images(batch, size, seed=0):
-    x = np.random.default_rng(seed).uniform(-1, 1, (batch, 3, size, size)).astype(np.float32)
-    return torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
-
-
-def nchw(y):
-    return np.asarray(y).transpose(0, 3, 1, 2)
+def port(net, input_nc=3):
+    """Flax variables of a torch NLayerDiscriminator, through its state_dict (the reference's key names)."""
+    ndf, n_layers = net.model[0].out_channels, (len(net.model) - 2) // 3
+    norm = "batch" if isinstance(net.model[3], torch.nn.BatchNorm2d) else "instance"
+    _, table = discriminator_table(ndf, n_layers, norm, input_nc=input_nc)
+    return variables_from_state_dict(state_dict_arrays(net), table)
 
 
 def init_shapes(model, size=64, **kw):
@@ -100,10 +53,10 @@ def assert_same_tree(a, b):
 )
 def test_parameter_counts_match_reference(ndf, num_layers, norm, expected):
     model = PatchDiscriminator(ndf=ndf, num_layers=num_layers, norm=norm)
-    net = torch_patchgan(ndf, num_layers, norm)
+    net = NLayerDiscriminator(3, ndf, num_layers, norm)
     assert sum(p.numel() for p in net.parameters()) == expected
     assert count(init_shapes(model, size=128)["params"]) == expected
-    assert_same_tree(port_torch(net), init_shapes(model, size=128))
+    assert_same_tree(port(net), init_shapes(model, size=128))
 
 
 @pytest.mark.parametrize(
@@ -112,13 +65,12 @@ def test_parameter_counts_match_reference(ndf, num_layers, norm, expected):
 )
 def test_matches_torch_in_eval_mode(ndf, num_layers, norm, size):
     torch.manual_seed(0)
-    net = torch_patchgan(ndf, num_layers, norm).eval()
-    randomize_bn(net)
-    xt, xj = images(2, size)
+    net = randomize_batch_norm(NLayerDiscriminator(3, ndf, num_layers, norm).eval())
+    xt, xj = images(2, 3, size)
     with torch.no_grad():
         expected = net(xt).numpy()
     model = PatchDiscriminator(ndf=ndf, num_layers=num_layers, norm=norm)
-    y = jax.jit(model.apply)(port_torch(net), xj)
+    y = jax.jit(model.apply)(port(net), xj)
     assert y.shape == expected.shape[:1] + expected.shape[2:] + (1,)
     np.testing.assert_allclose(nchw(y), expected, atol=1e-4, rtol=0)
 
@@ -132,10 +84,9 @@ def test_70x70_patchgan_output_size_at_256px():
 
 def test_batch_norm_train_mode_matches_torch():
     torch.manual_seed(1)
-    net = torch_patchgan(8, 3, "batch").train()
-    randomize_bn(net, seed=1)
-    xt, xj = images(3, 64, seed=1)
-    variables = port_torch(net)
+    net = randomize_batch_norm(NLayerDiscriminator(3, 8, 3, "batch").train(), seed=1)
+    xt, xj = images(3, 3, 64, seed=1)
+    variables = port(net)
     with torch.no_grad():
         expected = net(xt).numpy()
     model = PatchDiscriminator(ndf=8, norm="batch")
@@ -144,7 +95,7 @@ def test_batch_norm_train_mode_matches_torch():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
         new["batch_stats"],
-        port_torch(net)["batch_stats"],
+        port(net)["batch_stats"],
     )
 
 
@@ -162,7 +113,7 @@ def test_projection_only_adds_its_kernel_to_the_tree():
 def test_projection_term():
     """logits(x, y) = logits(x) + <window of h, sum_k y_k V_k>, with each logit's 4x4 window of h."""
     model = PatchDiscriminator(ndf=8, conditioning_dim=4)
-    x = images(2, 64, seed=2)[1]
+    x = images(2, 3, 64, seed=2)[1]
     y = jnp.asarray([[0.0, 0.3, 0.7, 0.0], [1.0, 0.0, 0.0, 0.5]])
     rng = np.random.default_rng(0)
     variables = jax.tree.map(  # random weights without compiling init

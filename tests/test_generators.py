@@ -1,8 +1,8 @@
 """ResNet / U-Net generators against PyTorch builds of the junyanz reference modules.
 
-The torch modules below are written from torch.nn layers following the reference
-`models/networks.py` (ResnetGenerator, ResnetBlock, UnetGenerator, UnetSkipConnectionBlock), keeping its
-module order (the weight copy relies on it) and its in-place activations.
+The torch modules are `ganjax.interop.torch_reference` (torch.nn layers following the reference
+`models/networks.py`, with its state_dict key names and in-place activations); weights are copied through
+their state_dicts with `ganjax.interop.torch`, the same path users' checkpoints take.
 """
 
 import functools
@@ -24,144 +24,17 @@ from ganjax.models.layers import Conv2d, ConvTranspose2d, resolve_conv_impl
 torch = pytest.importorskip("torch")
 tnn = torch.nn
 
-
-# ---- PyTorch reference ----------------------------------------------------------------------------
-
-
-def torch_norm(kind):
-    if kind == "instance":
-        return functools.partial(tnn.InstanceNorm2d, affine=False, track_running_stats=False)
-    return functools.partial(tnn.BatchNorm2d, affine=True, track_running_stats=True)
+# The PyTorch builds of the reference networks and the state_dict conversion under test live in the library
+# (benchmarks/parity.py uses them too).
+from ganjax.interop import torch_reference as tr  # noqa: E402
+from ganjax.interop.parity import images, nchw, random_variables, state_dict_arrays  # noqa: E402
+from ganjax.interop.torch import generator_table, variables_from_state_dict  # noqa: E402
 
 
-class TorchResnetBlock(tnn.Module):
-    def __init__(self, dim, norm_layer, use_dropout, use_bias):
-        super().__init__()
-        layers = [tnn.ReflectionPad2d(1), tnn.Conv2d(dim, dim, 3, bias=use_bias), norm_layer(dim)]
-        layers += [tnn.ReLU(True)] + ([tnn.Dropout(0.5)] if use_dropout else [])
-        layers += [tnn.ReflectionPad2d(1), tnn.Conv2d(dim, dim, 3, bias=use_bias), norm_layer(dim)]
-        self.conv_block = tnn.Sequential(*layers)
-
-    def forward(self, x):
-        return x + self.conv_block(x)
-
-
-def torch_resnet(ngf, n_blocks=9, norm="instance", use_dropout=False, input_nc=3, output_nc=3):
-    norm_layer, use_bias = torch_norm(norm), norm == "instance"
-    model = [tnn.ReflectionPad2d(3), tnn.Conv2d(input_nc, ngf, 7, bias=use_bias)]
-    model += [norm_layer(ngf), tnn.ReLU(True)]
-    for i in range(2):
-        mult = 2**i
-        model += [tnn.Conv2d(ngf * mult, ngf * mult * 2, 3, stride=2, padding=1, bias=use_bias)]
-        model += [norm_layer(ngf * mult * 2), tnn.ReLU(True)]
-    model += [TorchResnetBlock(ngf * 4, norm_layer, use_dropout, use_bias) for _ in range(n_blocks)]
-    for i in range(2):
-        mult = 2 ** (2 - i)
-        model += [
-            tnn.ConvTranspose2d(
-                ngf * mult, ngf * mult // 2, 3, stride=2, padding=1, output_padding=1, bias=use_bias
-            )
-        ]
-        model += [norm_layer(ngf * mult // 2), tnn.ReLU(True)]
-    model += [tnn.ReflectionPad2d(3), tnn.Conv2d(ngf, output_nc, 7), tnn.Tanh()]
-    return tnn.Sequential(*model)
-
-
-class TorchUnetBlock(tnn.Module):
-    def __init__(
-        self, outer_nc, inner_nc, input_nc=None, submodule=None, outermost=False,
-        innermost=False, norm_layer=None, use_dropout=False, use_bias=False,
-    ):  # fmt: skip
-        super().__init__()
-        self.outermost = outermost
-        input_nc = outer_nc if input_nc is None else input_nc
-        downconv = tnn.Conv2d(input_nc, inner_nc, 4, stride=2, padding=1, bias=use_bias)
-        downrelu, uprelu = tnn.LeakyReLU(0.2, True), tnn.ReLU(True)
-        if outermost:
-            upconv = tnn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, stride=2, padding=1)
-            model = [downconv, submodule, uprelu, upconv, tnn.Tanh()]
-        elif innermost:
-            upconv = tnn.ConvTranspose2d(inner_nc, outer_nc, 4, 2, 1, bias=use_bias)
-            model = [downrelu, downconv, uprelu, upconv, norm_layer(outer_nc)]
-        else:
-            upconv = tnn.ConvTranspose2d(inner_nc * 2, outer_nc, 4, 2, 1, bias=use_bias)
-            model = [downrelu, downconv, norm_layer(inner_nc), submodule]
-            model += [uprelu, upconv, norm_layer(outer_nc)]
-            model += [tnn.Dropout(0.5)] if use_dropout else []
-        self.model = tnn.Sequential(*model)
-
-    def forward(self, x):
-        if self.outermost:
-            return self.model(x)
-        return torch.cat([x, self.model(x)], 1)
-
-
-def torch_unet(num_downs, ngf, norm="batch", use_dropout=False, input_nc=3, output_nc=3):
-    kw = dict(norm_layer=torch_norm(norm), use_bias=norm == "instance")
-    block = TorchUnetBlock(ngf * 8, ngf * 8, innermost=True, **kw)
-    for _ in range(num_downs - 5):
-        block = TorchUnetBlock(ngf * 8, ngf * 8, submodule=block, use_dropout=use_dropout, **kw)
-    block = TorchUnetBlock(ngf * 4, ngf * 8, submodule=block, **kw)
-    block = TorchUnetBlock(ngf * 2, ngf * 4, submodule=block, **kw)
-    block = TorchUnetBlock(ngf, ngf * 2, submodule=block, **kw)
-    return TorchUnetBlock(output_nc, ngf, input_nc=input_nc, submodule=block, outermost=True, **kw)
-
-
-# ---- torch -> flax weight copy ------------------------------------------------------------------
-
-
-def resnet_layer_names(num_blocks, norm):
-    """Flax paths of the parametrised layers, in the order torch's `modules()` lists them."""
-    names = ["stem_conv", "stem_norm", "down_0_conv", "down_0_norm", "down_1_conv", "down_1_norm"]
-    for i in range(num_blocks):
-        names += [f"block_{i}/conv_0", f"block_{i}/norm_0", f"block_{i}/conv_1", f"block_{i}/norm_1"]
-    names += ["up_0_conv", "up_0_norm", "up_1_conv", "up_1_norm", "head_conv"]
-    return [n for n in names if norm == "batch" or not n.endswith("norm") and "/norm" not in n]
-
-
-def unet_layer_names(num_downs, norm):
-    names = ["down_0_conv"]
-    for i in range(1, num_downs - 1):
-        names += [f"down_{i}_conv", f"down_{i}_norm"]
-    names += [f"down_{num_downs - 1}_conv"]
-    for i in reversed(range(1, num_downs)):
-        names += [f"up_{i}_conv", f"up_{i}_norm"]
-    names += ["up_0_conv"]
-    return [n for n in names if norm == "batch" or not n.endswith("norm")]
-
-
-def _t2n(t):
-    return np.array(t.detach().cpu().numpy(), np.float32)  # a copy: torch updates stats in place
-
-
-def port_torch(module, names):
-    """{"params", "batch_stats"} for a Flax model from a torch module's parametrised layers.
-
-    Conv2d weight (O, I, k, k) and ConvTranspose2d weight (I, O, k, k) both go through
-    `.transpose(2, 3, 1, 0)`: to (k, k, I, O) for the conv, (k, k, O, I) for the transposed conv.
-    """
-    layers = [
-        m for m in module.modules() if isinstance(m, tnn.Conv2d | tnn.ConvTranspose2d | tnn.BatchNorm2d)
-    ]
-    assert len(layers) == len(names), (len(layers), len(names))
-    params, stats = {}, {}
-
-    def put(tree, path, leaf):
-        *parents, last = path.split("/")
-        for p in parents:
-            tree = tree.setdefault(p, {})
-        tree[last] = leaf
-
-    for m, name in zip(layers, names, strict=True):
-        if isinstance(m, tnn.BatchNorm2d):
-            put(params, name, {"scale": _t2n(m.weight), "bias": _t2n(m.bias)})
-            put(stats, name, {"mean": _t2n(m.running_mean), "var": _t2n(m.running_var)})
-        else:
-            leaf = {"kernel": _t2n(m.weight).transpose(2, 3, 1, 0)}
-            if m.bias is not None:
-                leaf["bias"] = _t2n(m.bias)
-            put(params, name, leaf)
-    return {"params": params, "batch_stats": stats} if stats else {"params": params}
+def port(net, arch, ngf, norm, dropout=False):
+    """Flax variables of a torch reference generator, through its state_dict (the reference's key names)."""
+    _, table = generator_table(arch, ngf, norm, dropout=dropout)
+    return variables_from_state_dict(state_dict_arrays(net), table)
 
 
 def assert_same_tree(a, b):
@@ -169,41 +42,6 @@ def assert_same_tree(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert x.shape == y.shape
-
-
-def randomize_bn_stats(module, seed=0):
-    """Random affine params and running stats, so that eval-mode comparisons test all four."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, tnn.BatchNorm2d):
-            c = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(1 + 0.1 * torch.randn(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-
-
-def images(batch, size, seed=0, channels=3):
-    x = np.random.default_rng(seed).uniform(-1, 1, (batch, channels, size, size)).astype(np.float32)
-    return torch.from_numpy(x), jnp.asarray(x.transpose(0, 2, 3, 1))
-
-
-def nchw(y):
-    return np.asarray(y).transpose(0, 3, 1, 2)
-
-
-def random_variables(model, x, seed=0):
-    """Variables with init's tree, filled with random numbers without compiling `model.init`."""
-    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        if jax.tree_util.keystr(path).endswith("['var']"):
-            return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), jnp.float32)
-        return jnp.asarray(rng.normal(0.0, 0.1, leaf.shape), jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def num_params(model, size):
@@ -230,10 +68,7 @@ REFERENCE_COUNTS = [
 def test_parameter_counts_match_reference(arch, ngf, expected):
     size = 128 if arch == "unet_128" else 256
     assert num_params(build_generator(arch, ngf), size) == expected
-    if arch.startswith("resnet"):
-        net = torch_resnet(ngf, n_blocks=int(arch[7]))
-    else:
-        net = torch_unet(8 if arch == "unet_256" else 7, ngf)
+    net = tr.build_generator(arch, ngf, norm="instance" if arch.startswith("resnet") else "batch")
     assert sum(p.numel() for p in net.parameters()) == expected
 
 
@@ -267,14 +102,13 @@ def test_build_generator_rejects_unknown_arch():
 )
 def test_resnet_matches_torch(ngf, num_blocks, norm, size, impl):
     torch.manual_seed(0)
-    net = torch_resnet(ngf, num_blocks, norm).eval()
-    randomize_bn_stats(net)
+    net = tr.randomize_batch_norm(tr.ResnetGenerator(3, 3, ngf, norm, n_blocks=num_blocks).eval())
     batch = 1 if size > 128 else 2
-    xt, xj = images(batch, size)
+    xt, xj = images(batch, 3, size)
     with torch.no_grad():
         expected = net(xt).numpy()
     model = ResnetGenerator(ngf=ngf, num_blocks=num_blocks, norm=norm, conv_impl=impl)
-    variables = port_torch(net, resnet_layer_names(num_blocks, norm))
+    variables = port(net, f"resnet_{num_blocks}blocks", ngf, norm)
     assert_same_tree(variables, jax.eval_shape(model.init, jax.random.PRNGKey(0), xj[:1]))
     y = jax.jit(model.apply)(variables, xj)
     assert y.shape == (batch, size, size, 3) and y.dtype == jnp.float32
@@ -283,13 +117,13 @@ def test_resnet_matches_torch(ngf, num_blocks, norm, size, impl):
 
 def test_resnet_feature_taps():
     torch.manual_seed(1)
-    net = torch_resnet(8, 9).eval()
-    xt, xj = images(1, 64, seed=1)
+    net = tr.ResnetGenerator(3, 3, 8, "instance", n_blocks=9).eval()
+    xt, xj = images(1, 3, 64, seed=1)
     with torch.no_grad():
-        last_block = net[:19](xt).numpy()  # pad, conv, norm, relu, 2 x (conv, norm, relu), 9 blocks
+        last_block = net.model[:19](xt).numpy()  # pad, conv, norm, relu, 2 x (conv, norm, relu), 9 blocks
         expected = net(xt).numpy()
     model = ResnetGenerator(ngf=8)
-    variables = port_torch(net, resnet_layer_names(9, "instance"))
+    variables = port(net, "resnet_9blocks", 8, "instance")
     names = ("bottleneck", "block_8", "stem", "down_1", "up_0")
     y, feats = jax.jit(functools.partial(model.apply, return_features=names))(variables, xj)
     np.testing.assert_allclose(nchw(y), expected, atol=1e-4, rtol=0)
@@ -310,13 +144,12 @@ def test_resnet_feature_taps():
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_unet_256_matches_torch_in_eval_mode(impl):
     torch.manual_seed(0)
-    net = torch_unet(8, 8, "batch", use_dropout=True).eval()
-    randomize_bn_stats(net)
-    xt, xj = images(2, 256)
+    net = tr.randomize_batch_norm(tr.UnetGenerator(3, 3, 8, 8, "batch", use_dropout=True).eval())
+    xt, xj = images(2, 3, 256)
     with torch.no_grad():
         expected = net(xt).numpy()
     model = UnetGenerator(num_downs=8, ngf=8, norm="batch", use_dropout=True, conv_impl=impl)
-    variables = port_torch(net, unet_layer_names(8, "batch"))
+    variables = port(net, "unet_256", 8, "batch")
     assert_same_tree(variables, jax.eval_shape(model.init, jax.random.PRNGKey(0), xj[:1]))
     y, feats = jax.jit(functools.partial(model.apply, return_features=("bottleneck", "down_3")))(
         variables, xj
@@ -329,13 +162,12 @@ def test_unet_256_matches_torch_in_eval_mode(impl):
 def test_unet_train_mode_batch_statistics_match_torch():
     """Batch statistics in the forward pass and PyTorch's running-stat update (unbiased variance)."""
     torch.manual_seed(2)
-    net = torch_unet(7, 4, "batch").train()
-    randomize_bn_stats(net)
-    xt, xj = images(2, 128, seed=2)
-    variables = port_torch(net, unet_layer_names(7, "batch"))
+    net = tr.randomize_batch_norm(tr.UnetGenerator(3, 3, 7, 4, "batch").train())
+    xt, xj = images(2, 3, 128, seed=2)
+    variables = port(net, "unet_128", 4, "batch")
     with torch.no_grad():
         expected = net(xt).numpy()
-    updated = port_torch(net, unet_layer_names(7, "batch"))["batch_stats"]
+    updated = port(net, "unet_128", 4, "batch")["batch_stats"]
     model = UnetGenerator(num_downs=7, ngf=4, norm="batch")
     y, new_vars = jax.jit(
         functools.partial(model.apply, train=True, mutable=["batch_stats"]),
@@ -350,7 +182,7 @@ def test_unet_train_mode_batch_statistics_match_torch():
 
 def test_unet_dropout_uses_the_dropout_rng():
     model = UnetGenerator(num_downs=6, ngf=2, use_dropout=True)
-    x = images(1, 64)[1]
+    x = images(1, 3, 64)[1]
     variables = random_variables(model, x)
 
     @jax.jit
@@ -385,7 +217,8 @@ def test_conv_transpose_matches_torch(k, s, p, op, h, w, impl):
     x = torch.randn(2, 5, h, w)
     with torch.no_grad():
         expected = layer(x).numpy()
-    params = {"params": {"kernel": _t2n(layer.weight).transpose(2, 3, 1, 0), "bias": _t2n(layer.bias)}}
+    weight, bias = (np.array(t.detach().numpy()) for t in (layer.weight, layer.bias))
+    params = {"params": {"kernel": weight.transpose(2, 3, 1, 0), "bias": bias}}
     y = ConvTranspose2d(7, k, s, p, op, impl=impl).apply(params, jnp.asarray(x.numpy()).transpose(0, 2, 3, 1))
     np.testing.assert_allclose(nchw(y), expected, atol=1e-5, rtol=0)
 
@@ -419,7 +252,7 @@ def test_fast_and_reference_layers_have_the_same_gradients(layer, in_channels):
 
 
 def test_bfloat16_compute():
-    x = images(1, 16)[1]
+    x = images(1, 3, 16)[1]
     model = ResnetGenerator(ngf=4, num_blocks=1)
     variables = random_variables(model, x)
     y16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
