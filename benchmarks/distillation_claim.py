@@ -28,7 +28,7 @@ import time
 
 from absl import logging
 
-from configs import distill_pix2pix_cityscapes
+from configs import distill_pix2pix_cityscapes, pix2pix_cityscapes
 from ganjax import main
 from ganjax.trainers import common
 
@@ -37,9 +37,14 @@ METRICS = ("gt_l1", "pixel_accuracy", "mean_iou")
 
 
 def make_config(condition: str, *, teacher: str, student: int, steps: int, seed: int):
-    config = distill_pix2pix_cityscapes.get_config("synthetic")
+    if condition == "scratch":  # plain pix2pix: no teacher at all, fresh D, no distillation terms
+        config = pix2pix_cityscapes.get_config("synthetic")
+    else:
+        config = distill_pix2pix_cityscapes.get_config("synthetic")
+        config.teacher.checkpoint = os.path.abspath(os.path.expanduser(teacher))
+        if condition == "kd":
+            config.distill.lambda_sp = 0.0
     config.seed = seed
-    config.teacher.checkpoint = os.path.abspath(os.path.expanduser(teacher))
     config.model.ngf = student
     config.train.num_steps = steps
     config.train.decay_steps = steps // 3
@@ -47,10 +52,6 @@ def make_config(condition: str, *, teacher: str, student: int, steps: int, seed:
     config.eval.num_examples = 200  # every held-out scene
     config.log.sample_every_steps = steps
     config.checkpoint.every_steps = steps
-    if condition == "scratch":
-        config.trainer = "pix2pix"  # no teacher at all: fresh D, no distillation terms
-    elif condition == "kd":
-        config.distill.lambda_sp = 0.0
     return config
 
 
