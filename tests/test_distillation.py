@@ -291,17 +291,18 @@ def test_the_claim_experiment_builds_valid_configs(teachers):
     """benchmarks/distillation_claim.py: the three students differ only in the distillation terms."""
     from benchmarks import distillation_claim
 
-    configs = {
-        c: distillation_claim.make_config(c, teacher=teachers["pix2pix"], student=4, steps=30, seed=1)
-        for c in distillation_claim.CONDITIONS
-    }
-    for config in configs.values():
-        pix2pix.validate_config(config)
-        assert (config.model.ngf, config.seed, config.train.num_steps) == (4, 1, 30)
-    assert configs["scratch"].trainer == "pix2pix"
-    assert configs["kd"].distill.lambda_sp == 0 < configs["kd"].distill.lambda_kd
-    assert configs["kd_sp"].distill.lambda_sp > 0 and configs["kd_sp"].distill.lambda_kd > 0
+    for kind in ("pix2pix", "cyclegan"):
+        configs = {
+            c: distillation_claim.make_config(kind, c, teacher=teachers[kind], student=4, steps=30, seed=1)
+            for c in distillation_claim.CONDITIONS
+        }
+        for config in configs.values():
+            TRAINERS[kind].validate_config(config)
+            assert (config.model.ngf, config.seed, config.train.num_steps) == (4, 1, 30)
+        assert configs["scratch"].trainer == kind
+        assert configs["kd"].distill.lambda_sp == 0 < configs["kd"].distill.lambda_kd
+        assert configs["kd_sp"].distill.lambda_sp > 0 and configs["kd_sp"].distill.lambda_kd > 0
     runs = {"scratch": [{"gt_l1": 0.2, "pixel_accuracy": 0.5, "mean_iou": 0.3}] * 2}
     assert "| scratch (n=2) | 0.2000 +- 0.0000 | 0.5000 +- 0.0000 | 0.3000 +- 0.0000 |" in (
-        distillation_claim.summarize(runs)
+        distillation_claim.summarize(runs, ("gt_l1", "pixel_accuracy", "mean_iou"))
     )
