@@ -22,6 +22,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.trainer = "aging"  # key into ganjax.main.TRAINERS
     config.seed = 0  # parameter init, target-age sampling and data order all derive from it
+    # Compute dtype of the networks: "float32" or "bfloat16" (GPU/TPU; parameters, optimizer states and
+    # losses stay float32). XLA:CPU runs bfloat16 no faster than float32.
+    config.dtype = "float32"
 
     # ---- Data -------------------------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -81,16 +84,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # ---- Optimisation -------------------------------------------------------------------------
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 100_000
-    train.batch_size = 32  # global batch; must divide evenly over the mesh's data axis
+    train.batch_size = 32  # global batch; a multiple of data x fsdp (see config.mesh)
     train.g_learning_rate = 2e-4
     train.d_learning_rate = 2e-4
     train.b1 = 0.5
     train.b2 = 0.999
     train.ema_decay = 0.999  # generator EMA used for samples and evaluation (0 disables)
 
-    # ---- Mesh: axis names and sizes; -1 = all remaining devices -------------------------------
+    # ---- Mesh and partitioning (ganjax/sharding.py; docs/scale.md) ------------------------
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.axes = (("data", -1),)
+    # Axis sizes, -1 = all remaining devices. The batch is split over data x fsdp; parameters and
+    # optimizer state are split over fsdp (fsdp = 1: everything replicated, plain data parallelism).
+    config.mesh.axes = (("data", -1), ("fsdp", 1))
+    # (regex searched in each state path, "fsdp" | "replicate" | PartitionSpec tuple), first match
+    # wins, no match = replicated. "fsdp" splits a leaf's largest axis divisible by the fsdp size.
+    config.mesh.rules = ((r".*", "fsdp"),)
+    config.mesh.min_shard_size = 2**16  # elements; smaller arrays stay replicated (all-gather latency)
 
     # ---- Periodic actions ---------------------------------------------------------------------
     config.log = ml_collections.ConfigDict()
@@ -100,6 +109,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.log.sample_ages = (10, 20, 30, 40, 50, 60, 70, 80)  # columns of the grid (after the input)
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 2000  # in-loop evaluation (age MAE, ground-truth L1 on synthetic data)
+    # --mode eval (ganjax/evaluation/offline.py, aging_offline.py): EMA and raw G, a separate process
+    config.eval.step = -1  # checkpoint to evaluate; -1 = the latest
+    config.eval.watch = False  # keep evaluating new checkpoints until train.num_steps is done
+    config.eval.poll_seconds = 60.0  # watch: seconds between looks for a new checkpoint
+    config.eval.watch_timeout = 6 * 3600.0  # watch: stop after this long without a new checkpoint (s)
+    config.eval.regressor = ""  # workdir of a configs/age_regressor.py run (the judge); "" = skip
+    config.eval.target_ages = (10, 20, 30, 40, 50, 60, 70, 80)  # held-out faces are aged to these ages
+    config.eval.identity_upsample = 1  # dlib detector upsampling for identity (2 for faces under ~40 px)
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 2000
     config.checkpoint.keep = 3  # most recent checkpoints kept
@@ -144,6 +161,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.log.sample_every_steps = 6
         config.log.sample_faces = 2
         config.log.sample_ages = (20, 60)
+        config.eval.target_ages = (20, 60)
         config.eval.every_steps = 6
         config.checkpoint.every_steps = 3
     return config

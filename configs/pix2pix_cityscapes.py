@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.trainer = "pix2pix"  # key into ganjax.main.TRAINERS
     config.seed = 0  # parameter init, dropout masks and data order all derive from it
+    # Compute dtype of the networks: "float32" or "bfloat16" (GPU/TPU; parameters, optimizer states and
+    # losses stay float32). XLA:CPU runs bfloat16 no faster than float32.
+    config.dtype = "float32"
 
     # ---- Data (keys: ganjax.data.image_folders.make_translation_builder) ------------------------
     config.data = data = ml_collections.ConfigDict()
@@ -73,7 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.train = train = ml_collections.ConfigDict()
     train.num_steps = 200 * CITYSCAPES_TRAIN_IMAGES  # n_epochs + n_epochs_decay = 100 + 100 epochs
     train.decay_steps = 100 * CITYSCAPES_TRAIN_IMAGES  # the last n_epochs_decay epochs decay linearly
-    train.batch_size = 1  # global batch; must divide evenly over the mesh's data axis
+    train.batch_size = 1  # global batch; a multiple of data x fsdp (see config.mesh)
     train.learning_rate = 2e-4  # G and D
     train.b1 = 0.5
     train.b2 = 0.999
@@ -83,9 +86,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.init_from.generator = ""  # workdir (or checkpoints/<step>) of a pix2pix run: its G
     config.init_from.discriminator = ""  # ... its D
 
-    # ---- Mesh: axis names and sizes; -1 = all remaining devices -------------------------------
+    # ---- Mesh and partitioning (ganjax/sharding.py; docs/scale.md) ------------------------
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.axes = (("data", -1),)
+    # Axis sizes, -1 = all remaining devices. The batch is split over data x fsdp; parameters and
+    # optimizer state are split over fsdp (fsdp = 1: everything replicated, plain data parallelism).
+    config.mesh.axes = (("data", -1), ("fsdp", 1))
+    # (regex searched in each state path, "fsdp" | "replicate" | PartitionSpec tuple), first match
+    # wins, no match = replicated. "fsdp" splits a leaf's largest axis divisible by the fsdp size.
+    config.mesh.rules = ((r".*", "fsdp"),)
+    config.mesh.min_shard_size = 2**16  # elements; smaller arrays stay replicated (all-gather latency)
 
     # ---- Periodic actions ---------------------------------------------------------------------
     config.log = ml_collections.ConfigDict()
@@ -97,6 +106,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.num_examples = 200  # test images scored
     config.eval.batch_size = 8  # test images per generator call (rounded up to the data axis)
     config.eval.train_mode = True  # the reference's test protocol: batch norm on each image, dropout on
+    # --mode eval (ganjax/evaluation/offline.py, translation_offline.py), in a separate process
+    config.eval.step = -1  # checkpoint to evaluate; -1 = the latest
+    config.eval.watch = False  # keep evaluating new checkpoints until train.num_steps is done
+    config.eval.poll_seconds = 60.0  # watch: seconds between looks for a new checkpoint
+    config.eval.watch_timeout = 6 * 3600.0  # watch: stop after this long without a new checkpoint (s)
+    config.eval.inception_weights = ""  # pytorch-fid's Inception .pth (or its .npz) for FID/KID; "" = skip
+    config.eval.segmenter = ""  # FCN-score model: jax.export file or "module:function" (segmentation.py)
+    config.eval.segmentation_labels = ""  # real data: folder of label maps, one per test image (sorted names)
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 5000
     config.checkpoint.keep = 3  # most recent checkpoints kept

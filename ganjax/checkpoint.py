@@ -6,13 +6,17 @@ state as JSON, so that a resumed run reads exactly the batches an uninterrupted 
 
 Resume order (documented here, applied by each trainer): the latest complete checkpoint in the
 workdir > `init_from` paths named in the config > a fresh initialisation. Orbax writes each step to a
-temporary directory and renames it when complete, so a run killed mid-save resumes from the previous
-complete step.
+temporary directory (`<step>.orbax-checkpoint-tmp`) and renames it when complete, so a run killed
+mid-save resumes from the previous complete step. A step folder is complete when it holds `state/_METADATA`
+and `data/`; anything else (a killed save's temporary folder, a step folder missing its state) is never
+listed, restored or counted towards `keep`, and `incomplete()` names it so that the trainer can report it.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -21,6 +25,42 @@ import orbax.checkpoint as ocp
 
 class CheckpointShapeError(ValueError):
     """A checkpoint's parameter shapes do not match the model built from the config."""
+
+
+_TMP_DIR = re.compile(r"^\d+\.orbax-checkpoint-tmp")
+
+
+def incomplete_reason(step_dir: str) -> str | None:
+    """Why the step folder `step_dir` cannot be restored, or None when it is complete."""
+    if not os.path.isfile(os.path.join(step_dir, "state", "_METADATA")):
+        return "it has no state/_METADATA (the train state was never completely written)"
+    if not os.path.isdir(os.path.join(step_dir, "data")):
+        return "it has no data/ (the data-iterator position is missing)"
+    return None
+
+
+class _CompleteStepsOnly:
+    """orbax's standard `<step>` folder naming, listing only complete step folders.
+
+    orbax itself lists every folder named by an integer; without this filter a step folder missing its
+    state would become the "latest" checkpoint (and fail to restore) and count towards max_to_keep.
+    """
+
+    def __init__(self):
+        self._standard = ocp.step.standard_name_format()
+
+    def build_name(self, step: int) -> str:
+        return self._standard.build_name(step)
+
+    def find_all(self, base_path) -> Iterator[Any]:
+        return (m for m in self._standard.find_all(base_path) if incomplete_reason(os.fspath(m.path)) is None)
+
+    def find_step(self, base_path, step: int):
+        metadata = self._standard.find_step(base_path, step)
+        reason = incomplete_reason(os.fspath(metadata.path))
+        if reason is not None:
+            raise ValueError(f"Checkpoint {metadata.path} is incomplete: {reason}.")
+        return metadata
 
 
 class Checkpointer:
@@ -36,6 +76,7 @@ class Checkpointer:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            step_name_format=_CompleteStepsOnly(),
         )
         # Handlers named up front, so that metadata (shapes) can be read before a restore.
         self._manager = ocp.CheckpointManager(
@@ -51,7 +92,36 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def all_steps(self) -> list[int]:
-        return list(self._manager.all_steps())
+        return sorted(self._manager.all_steps())
+
+    def incomplete(self) -> list[tuple[str, str]]:
+        """(path, reason) of every folder here that looks like a checkpoint but cannot be restored: the
+        temporary folder of a save that never finished (a killed run, or a save still being written by
+        another process) and step folders without their state or data. They are ignored."""
+        if not os.path.isdir(self.directory):
+            return []
+        found = []
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            if _TMP_DIR.match(name):
+                found.append((path, "an unfinished save (orbax's temporary folder)"))
+            elif name.isdigit() and os.path.isdir(path) and (reason := incomplete_reason(path)):
+                found.append((path, reason))
+        return found
+
+    def set_aside(self, step_dir: str) -> str:
+        """Renames an incomplete step folder to `<step>.incomplete[-n]` (kept for inspection), so that
+        this step can be saved again; returns the new path."""
+        target, n = f"{step_dir}.incomplete", 1
+        while os.path.exists(target):
+            target, n = f"{step_dir}.incomplete-{n}", n + 1
+        os.rename(step_dir, target)
+        return target
+
+    def reached_preemption(self, step: int) -> bool:
+        """True at the step where every process of a multi-process job saves after a preemption notice
+        (JAX's preemption service, which owns SIGTERM there). All processes must call it at every step."""
+        return jax.process_count() > 1 and self._manager.reached_preemption(step)
 
     def save(self, step: int, state: Any, data_state: dict | None) -> None:
         self._manager.save(

@@ -2,14 +2,17 @@
 
 import io
 import json
+import logging
 import os
+import struct
+import zlib
 
 import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from ganjax.data import image_folders
+from ganjax.data import image_folders, translation_pipeline
 
 LOAD = 20
 
@@ -193,3 +196,76 @@ def test_to_rgb_matches_the_reference_conversion():
     deep = Image.fromarray(np.array([[0, 257 * 100, 65535]], np.uint16))  # 16-bit greyscale
     assert deep.mode.startswith("I")
     np.testing.assert_array_equal(np.asarray(image_folders.to_rgb(deep))[0, :, 0], [0, 100, 255])
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: PIL refuses to decode it (a decompression
+    bomb when the size is over its limit)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+@pytest.mark.parametrize("layout", ["unaligned", "aligned"])
+def test_duplicates_deep_large_and_oversized_images(tmp_path, layout, caplog):
+    """Byte-identical copies are kept once, 16-bit and very large images are converted and resized,
+    an image over PIL's size limit is skipped; the report counts each and training logs it."""
+    if layout == "unaligned":
+        dataset, splits = "horse2zebra", image_folders.UNALIGNED_SPLITS
+    else:
+        dataset, splits = "facades", ("train", "val")
+    base = tmp_path / "src" / dataset
+    for seed, split in enumerate(splits):
+        (base / split).mkdir(parents=True)
+        _random_image(seed, size=(32, 16)).save(base / split / "a.png")
+    train = base / splits[0]
+    (train / "b_copy.png").write_bytes((train / "a.png").read_bytes())  # duplicate of a.png
+    deep = (np.arange(32 * 16, dtype=np.uint16).reshape(16, 32) * 127).astype(np.uint16)
+    Image.fromarray(deep).save(train / "c_deep.png")  # 16-bit greyscale
+    big = _random_image(5, size=(64, 32)).resize((4000, 2000), Image.Resampling.NEAREST)
+    big.save(train / "d_big.jpg", quality=90)  # 8 megapixels: resized like any other
+    (train / "e_bomb.png").write_bytes(png_claiming(20_000, 20_000))  # 400 megapixels: refused
+    (train / "f_copy_of_copy.png").write_bytes((train / "a.png").read_bytes())
+
+    config = _config(f"{layout}_folders", tmp_path / "src", tmp_path / "tfds", dataset)
+    builder, report = image_folders.prepare_translation(config)
+    assert report["kept"][splits[0]] == 3  # a, c_deep, d_big
+    assert report["skipped_by_split"][splits[0]] == {"duplicate": 2, "too_large": 1}
+    assert report["skipped_examples"]["duplicate"][0] == f"{splits[0]}/b_copy.png (same content as a.png)"
+    assert "decompression bomb" in report["skipped_examples"]["too_large"][0]
+    assert report["converted_to_rgb"] == {"I;16": 1}
+    source = builder.as_data_source(splits[0])
+    names = [source[i]["filename"].decode() for i in range(len(source))]
+    assert names == ["a.png", "c_deep.png", "d_big.jpg"]
+    key = "image" if layout == "unaligned" else "image_b"
+    big = Image.open(train / "d_big.jpg")
+    np.testing.assert_array_equal(
+        source[2][key], _expected(big if layout == "unaligned" else big.crop((2000, 0, 4000, 2000)))
+    )
+
+    # Training logs the report (a warning: files were lost) when its iterator is made.
+    config.update(crop_size=LOAD, flip=False, direction="AtoB", num_workers=0)
+    make = translation_pipeline.make_unpaired_iterator
+    if layout == "aligned":
+        make = translation_pipeline.make_paired_iterator
+    with caplog.at_level(logging.WARNING):
+        iterator = make(config, global_batch_size=1, seed=0)
+    iterator.close()
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "Training data:" in logged and "skipped: 3 files" in logged and "duplicate: 2" in logged
+
+
+def test_a_split_without_usable_images_stops_the_build(tmp_path):
+    make_unaligned_tree(tmp_path / "src")
+    train_b = tmp_path / "src" / "horse2zebra" / "trainB"
+    for path in train_b.iterdir():
+        path.unlink()
+    write_bad_files(train_b)
+    config = _config("unaligned_folders", tmp_path / "src", tmp_path / "tfds", "horse2zebra")
+    message = r"No usable images in .*trainB \(2 candidates\); skipped: .*empty_file"
+    with pytest.raises(ValueError, match=message):
+        image_folders.prepare_translation(config)

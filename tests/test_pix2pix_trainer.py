@@ -2,14 +2,14 @@
 defaults, on a small ResNet): real data pipeline, orbax, clu writers.
 
 Full runs are expensive (each compiles the step), so one 8-device reference run is shared by the module
-and the other tests compare against it.
+and the other tests compare against it. Exact resumption, NaN stops and stop signals are tested for every
+trainer in tests/test_reliability.py.
 """
 
 import glob
 import json
 import logging
 import os
-import shutil
 
 import jax
 import numpy as np
@@ -134,18 +134,6 @@ def test_one_device_gives_the_losses_of_eight(reference_run, data_dir, tmp_path)
         np.testing.assert_allclose(one[step], eight[step], rtol=2e-4, atol=1e-5, err_msg=f"step {step}")
 
 
-def test_resumed_run_equals_the_uninterrupted_run(reference_run, data_dir, tmp_path):
-    # The first half: the reference run's own step-2 checkpoint (model, optimizer and data-iterator
-    # state), exactly what a run stopped after step 2 leaves behind.
-    workdir = tmp_path / "resumed"
-    shutil.copytree(os.path.join(reference_run, "checkpoints", "2"), workdir / "checkpoints" / "2")
-    main.run(smoke_config(data_dir), str(workdir))  # the same command again
-    resumed, straight = losses_by_step(str(workdir)), losses_by_step(reference_run)
-    assert resumed.keys() == {3, 4}
-    for step in resumed:
-        np.testing.assert_allclose(resumed[step], straight[step], rtol=1e-6, atol=1e-7, err_msg=str(step))
-
-
 def zero_state(config, workdir):
     """A state of the config's structure, shapes and shardings, all zeros (nothing to compile)."""
     _, _, _, _, _, _, init, state_sharding = pix2pix._setup(config, workdir)
@@ -230,20 +218,3 @@ def test_batch_not_divisible_by_devices_is_reported(data_dir, tmp_path):
     config = smoke_config(data_dir, train__batch_size=6)
     with pytest.raises(common.ConfigError, match="not divisible by the mesh's data axis"):
         main.run(config, str(tmp_path / "bad_batch"))
-
-
-def test_nan_loss_stops_the_run_before_a_checkpoint(data_dir, tmp_path, monkeypatch):
-    real_step = pix2pix.train_step
-
-    def poisoned_step(state, batch, teacher_variables, **kwargs):
-        # From step 3 on, the L1 loss reads NaN (as a diverging run would).
-        new_state, metrics = real_step(state, batch, teacher_variables, **kwargs)
-        metrics["g_l1"] = jax.numpy.where(state.step >= 2, np.nan, metrics["g_l1"])
-        return new_state, metrics
-
-    monkeypatch.setattr(pix2pix, "train_step", poisoned_step)
-    config = smoke_config(data_dir, log__every_steps=4, checkpoint__every_steps=2)
-    workdir = str(tmp_path / "nan")
-    with pytest.raises(common.NonFiniteError, match=r"g_l1 became NaN/Inf at step 3"):
-        main.run(config, workdir)
-    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [2]

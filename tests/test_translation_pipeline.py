@@ -2,6 +2,9 @@
 
 import hashlib
 import json
+import multiprocessing
+import os
+import signal
 
 import ml_collections
 import numpy as np
@@ -231,6 +234,12 @@ def test_worker_processes_give_the_same_stream(data_dir):
     config.num_workers = 1
     it = tp.make_paired_iterator(config, global_batch_size=4, seed=2)
     np.testing.assert_array_equal(next(it)["a"], expected[0]["a"])
+    # A terminal's Ctrl-C reaches the workers too; they leave it to the trainer (which saves, then closes
+    # them) instead of dying under the iterator.
+    workers = [p for p in multiprocessing.active_children() if p.name.startswith("grain")]
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGINT)
     state = json.loads(json.dumps(it.get_state()))
     np.testing.assert_array_equal(next(it)["b"], expected[1]["b"])
     it.set_state(state)

@@ -2,10 +2,13 @@
 
 import io
 import json
+import logging
 import os
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 
 import ml_collections
 import numpy as np
@@ -74,6 +77,16 @@ def test_to_rgb_scales_16_bit():
     np.testing.assert_array_equal(rgb[..., 0].ravel(), np.arange(256))
 
 
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels (over PIL's limit: a decompression bomb)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+
+
 def _jpeg(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
@@ -108,7 +121,8 @@ def fake_utkface(tmp_path_factory):
         (root / name).write_bytes(_jpeg(good[name]))
     kept = set(good)
     # Convertible: greyscale JPEG, RGBA PNG (transparent corner), palette PNG, 16-bit grey PNG,
-    # a non-square in-the-wild photo, and a name that lacks the race field.
+    # a non-square in-the-wild photo, a 3000 x 3000 one (decoded at a reduced scale, then resized),
+    # and a name that lacks the race field.
     face = render(100, 40.0, 64)
     rgba = np.dstack([face, np.full(face.shape[:2], 255, np.uint8)])
     rgba[:8, :8, 3] = 0
@@ -118,6 +132,7 @@ def fake_utkface(tmp_path_factory):
         "42_1_3_20170117000000003.png": _png(Image.fromarray(face).quantize(64)),
         "43_0_0_20170117000000004.png": _png(Image.fromarray(face[..., 1].astype(np.uint16) * 257)),
         "44_0_4_20170117000000005.jpg": _jpeg(render(101, 44.0, 96)[:, 10:80]),
+        "45_1_0_20170117000000006.jpg": _jpeg(np.kron(render(104, 45.0, 60), np.ones((50, 50, 1), np.uint8))),
     }
     for name, content in convertible.items():
         (sub / name).write_bytes(content)
@@ -137,6 +152,7 @@ def fake_utkface(tmp_path_factory):
         "IMG_0001.jpg": ("malformed_name", _jpeg(face)),
         "200_0_0_20170118000000005.jpg.chip.jpg": ("age_out_of_range", _jpeg(face)),
         "README.txt": ("not_an_image_extension", b"notes\n"),
+        "53_0_2_20170118000000006.jpg.chip.jpg": ("too_large", png_claiming(20_000, 20_000)),
     }
     expected_skips = {}
     for name, (reason, content) in bad.items():
@@ -262,7 +278,7 @@ def test_builder_itself_rejects_a_missing_folder(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_pipeline_reads_utkface_at_the_model_size(built, fake_utkface):
+def test_pipeline_reads_utkface_at_the_model_size(built, fake_utkface, caplog):
     root, *_ = fake_utkface
     builder, report, data_dir = built
     config = _data_config(root, data_dir)
@@ -272,5 +288,27 @@ def test_pipeline_reads_utkface_at_the_model_size(built, fake_utkface):
     assert eval_set["image"].shape == (n, 32, 32, 3)  # stored at 48, resized to data.size
     np.testing.assert_array_equal(eval_set["identity"], np.full(n, -1))
     np.testing.assert_array_equal(eval_set["index"], np.arange(n))
-    batch = next(pipeline.make_train_iterator(config, global_batch_size=4, seed=0))
+    with caplog.at_level(logging.WARNING):
+        batch = next(pipeline.make_train_iterator(config, global_batch_size=4, seed=0))
     assert batch["image"].shape == (4, 32, 32, 3) and batch["age"].shape == (4,)
+    # The training log says what the build skipped, reason by reason.
+    logged = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"skipped: {sum(report['skipped'].values())} files" in logged
+    for reason, count in report["skipped"].items():
+        assert f"{reason}: {count}" in logged
+
+
+@pytest.mark.parametrize("kind", ["names_and_sizes", "undecodable"])
+def test_a_folder_without_usable_faces_fails_before_training(tmp_path, kind):
+    folder = tmp_path / "UTKFace"
+    folder.mkdir()
+    if kind == "names_and_sizes":
+        (folder / "hello.jpg").write_bytes(_jpeg(render(0, 30.0, 32)))
+        (folder / "25_0_0_20170116174525125.jpg").write_bytes(b"")
+        (folder / "130_0_0_20170116174525126.jpg").write_bytes(_jpeg(render(1, 30.0, 32)))
+    else:  # names pass, no file decodes
+        for name in _good_names():
+            (folder / name).write_bytes(f"not a face: {name}".encode())
+    message = "train and 0 test files left" if kind == "names_and_sizes" else "none of the .* decodes"
+    with pytest.raises(ValueError, match=rf"UTKFace in .*{message}.*Skipped: {{'"):
+        prepare(_data_config(folder, tmp_path / "tfds"))

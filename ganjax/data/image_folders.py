@@ -17,17 +17,21 @@ half for AB images) is converted to RGB and resized to `load_size` x `load_size`
 are stored as PNG (lossless: no second generation of JPEG artifacts).
 
 Files are walked recursively in sorted order, as the reference's `make_dataset`. Zero-byte files,
-files without an image extension, undecodable or truncated images are skipped and counted with a
-reason; greyscale, RGBA, palette, CMYK and 16-bit images are converted to RGB and counted by mode. The
-report is written as JSON next to the records (`prepare_report.json`) and returned by
-`prepare_translation`. Records are stored in file-name order (`disable_shuffling`): record i of a split
-has `index` i, the rank of its file among the split's kept files.
+files without an image extension, undecodable or truncated images, images over PIL's decompression-bomb
+limit (~179 megapixels) and byte-identical copies of a file earlier in the same split are skipped and
+counted with a reason; greyscale, RGBA, palette, CMYK and 16-bit images are converted to RGB and counted
+by mode; large images are resized like any other. A split left with no usable image stops the build
+with an error naming the reasons. The report is written as JSON next to the records
+(`prepare_report.json`), returned by `prepare_translation` and logged when training starts. Records are
+stored in file-name order (`disable_shuffling`): record i of a split has `index` i, the rank of its file
+among the split's kept files.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -62,6 +66,8 @@ EMPTY_FILE = "empty_file"
 OTHER_FILE = "not_an_image_extension"
 NOT_AN_IMAGE = "not_an_image"
 CORRUPT_IMAGE = "corrupt_or_truncated_image"
+TOO_LARGE = "too_large"
+DUPLICATE = "duplicate"
 TOO_NARROW = "too_narrow_for_ab_split"
 _EXAMPLES_PER_REASON = 5
 
@@ -186,28 +192,33 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _load_job(job: tuple[str, str, int, bool]) -> tuple[str, str | None, object, str]:
-    """(rel, path, load_size, aligned) -> (rel, None, [PNG bytes per image], original mode), or
-    (rel, skip reason, detail, "") when the file cannot be used."""
+def _load_job(job: tuple[str, str, int, bool]) -> tuple[str, str | None, object, str, str]:
+    """(rel, path, load_size, aligned) -> (rel, None, [PNG bytes per image], original mode, content
+    hash), or (rel, skip reason, detail, "", content hash) when the file cannot be used."""
     rel, path, load_size, aligned = job
+    with open(path, "rb") as f:
+        content = f.read()
+    digest = hashlib.sha256(content).hexdigest()
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(content)) as image:
             image.load()  # truncated files raise here
             mode = image.mode
             image = to_rgb(image)
     except UnidentifiedImageError:
-        return rel, NOT_AN_IMAGE, "not a decodable image", ""
+        return rel, NOT_AN_IMAGE, "not a decodable image", "", digest
+    except Image.DecompressionBombError as e:  # decoding it could exhaust memory
+        return rel, TOO_LARGE, str(e), "", digest
     except Exception as e:  # noqa: BLE001 -- any decoder failure means skip and count this file
-        return rel, CORRUPT_IMAGE, f"{type(e).__name__}: {e}", ""
+        return rel, CORRUPT_IMAGE, f"{type(e).__name__}: {e}", "", digest
     if aligned:
         w, h = image.size
         if w < 2:
-            return rel, TOO_NARROW, f"{w}x{h}", ""
+            return rel, TOO_NARROW, f"{w}x{h}", "", digest
         half = w // 2  # the reference: A = left w//2 columns, B = the rest
         parts = [image.crop((0, 0, half, h)), image.crop((half, 0, w, h))]
     else:
         parts = [image]
-    return rel, None, [_png(resize_bicubic(p, load_size)) for p in parts], mode
+    return rel, None, [_png(resize_bicubic(p, load_size)) for p in parts], mode, digest
 
 
 class _Report:
@@ -293,7 +304,12 @@ def _iter_folder(builder, split: str, folder: str, aligned: bool):
         else:
             jobs.append((rel, path, size, aligned))
     report.kept[split] = 0
-    for rel, reason, payload, mode in ordered_map(_load_job, jobs):
+    first_with: dict[str, str] = {}  # content hash -> the first file of the split with it
+    for rel, reason, payload, mode, digest in ordered_map(_load_job, jobs):
+        if digest in first_with:
+            report.skip(split, DUPLICATE, rel, f"same content as {first_with[digest]}")
+            continue
+        first_with[digest] = rel
         if reason is not None:
             report.skip(split, reason, rel, payload)
             continue
@@ -335,8 +351,11 @@ class UnalignedFolders(tfds.core.GeneratorBasedBuilder):
     """
 
     name = "unaligned_folders"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Duplicate files within a split and over-large images are skipped and counted.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Pass the folder of a CycleGAN dataset (ROOT/trainA, trainB, testA, testB), or its parent, as "
         "manual_dir; e.g. run the reference's ./datasets/download_cyclegan_dataset.sh horse2zebra."
@@ -381,8 +400,11 @@ class AlignedFolders(tfds.core.GeneratorBasedBuilder):
     """
 
     name = "aligned_folders"
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "1.1.0": "Duplicate files within a split and over-large images are skipped and counted.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Pass the folder of a pix2pix dataset (ROOT/train and val/test with side-by-side AB images), or "
         "its parent, as manual_dir; e.g. run the reference's ./datasets/download_pix2pix_dataset.sh facades."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import signal
 
 import grain
 import ml_collections
@@ -19,7 +20,7 @@ import tensorflow_datasets as tfds
 from absl import flags
 from PIL import Image
 
-from ganjax.data.prepare import prepare
+from ganjax.data.prepare import log_report, prepare
 
 
 def to_model_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -39,6 +40,12 @@ def _train_example(record: dict, rng: np.random.Generator, *, size: int, flip: b
 
 def _own_arrays(batch: dict) -> dict:
     return {k: np.array(v) for k, v in batch.items()}
+
+
+def ignore_interrupts(worker_index: int, worker_count: int) -> None:
+    """grain worker init: a terminal's Ctrl-C reaches the whole process group, but only the trainer
+    should act on it (finish the step, save, then close these workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _derived_seed(*parts: int) -> int:
@@ -74,7 +81,8 @@ def make_train_iterator(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     local_batch = global_batch_size // process_count
-    builder, _ = prepare(data_config)
+    builder, report = prepare(data_config)
+    log_report(builder, report)
     source = builder.as_data_source("train")
     if len(source) < process_count:
         raise ValueError(f"{len(source)} train records cannot be sharded over {process_count}")
@@ -89,7 +97,8 @@ def make_train_iterator(
     if data_config.num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_config.num_workers))
+        options = grain.MultiprocessingOptions(num_workers=data_config.num_workers)
+        ds = ds.mp_prefetch(options, worker_init_fn=ignore_interrupts)
         # Workers hand over shared-memory arrays; copy them into ordinary arrays so no caller has
         # to manage shared-memory lifetimes (~1 MB per batch, negligible).
         ds = ds.map(_own_arrays)

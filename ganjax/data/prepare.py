@@ -27,7 +27,7 @@ import os
 
 import ml_collections
 import tensorflow_datasets as tfds
-from absl import app, flags
+from absl import app, flags, logging
 
 from ganjax.data.image_folders import TRANSLATION_DATASETS, make_translation_builder, prepare_translation
 from ganjax.data.synthetic_faces import REPORT_FILENAME, SyntheticFaces, SyntheticFacesConfig
@@ -98,6 +98,14 @@ def format_report(builder: tfds.core.DatasetBuilder, report: dict) -> str:
         for example in report.get("skipped_examples", {}).get(reason, []):
             lines.append(f"      e.g. {example}")
     return "\n".join(lines)
+
+
+def log_report(builder: tfds.core.DatasetBuilder, report: dict) -> None:
+    """The prepare report in the training log (the train pipelines call this once per run): a warning
+    when files were skipped, so that a dataset that lost files to bad data says so where runs are read."""
+    skipped = sum(report.get("skipped", {}).values())
+    log = logging.warning if skipped else logging.info
+    log("Training data: %s", format_report(builder, report).replace("\n", "\n    "))
 
 
 # ---- CLI ------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ from absl import flags
 from PIL import Image
 
 from ganjax.data.image_folders import prepare_translation
+from ganjax.data.pipeline import ignore_interrupts
+from ganjax.data.prepare import log_report
 
 DIRECTIONS = ("AtoB", "BtoA")
 SYNTHETIC_DOMAINS = ("photo_a", "photo_b", "label_image")
@@ -161,7 +163,8 @@ def _finish(ds: grain.MapDataset, data_config, local_batch: int) -> grain.Datase
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags
             flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+        options = grain.MultiprocessingOptions(num_workers=num_workers)
+        ds = ds.mp_prefetch(options, worker_init_fn=ignore_interrupts)
         # Workers hand over shared-memory arrays; copy them so no caller manages their lifetime.
         ds = ds.map(_own_arrays)
     return iter(ds)
@@ -175,7 +178,8 @@ def paired_dataset(data_config, *, seed: int, process_index: int = 0, process_co
             "dataset (aligned_folders, synthetic_scenes) for pix2pix."
         )
     load, crop = _sizes(data_config)
-    builder, _ = prepare_translation(data_config)
+    builder, report = prepare_translation(data_config)
+    log_report(builder, report)
     keys = (
         _synthetic_domains(data_config) if data_config.name == "synthetic_scenes" else ("image_a", "image_b")
     )
@@ -194,7 +198,8 @@ def unpaired_dataset(data_config, *, seed: int, process_index: int = 0, process_
     dataset), each shuffled with its own seed and cropped / flipped independently.
     """
     load, crop = _sizes(data_config)
-    builder, _ = prepare_translation(data_config)
+    builder, report = prepare_translation(data_config)
+    log_report(builder, report)
     if data_config.name == "unaligned_folders":
         sources = [_data_source(builder, split, {"image"}) for split in ("trainA", "trainB")]
         sources = [_shard(src, process_index, process_count, "train") for src in sources]

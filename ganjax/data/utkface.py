@@ -6,9 +6,11 @@ files are named `[age]_[gender]_[race]_[date&time].jpg` (the in-the-wild set, an
 are duplicates; the builder keeps what it can use and counts every file it skips, with a reason.
 
 Each kept image is converted to RGB (greyscale, RGBA, palette and 16-bit inputs included), centre
-cropped to a square and resized to `stored_size`. The train/test split is a hash of the file name,
-so it never changes when files are added or removed. The skip report is written as JSON next to the
-records (`prepare_report.json`) and returned by `ganjax.data.prepare.prepare`.
+cropped to a square and resized to `stored_size` (large JPEGs are decoded at a reduced scale first);
+images over PIL's decompression-bomb limit are skipped as `too_large`. The train/test split is a hash
+of the file name, so it never changes when files are added or removed. The skip report is written as
+JSON next to the records (`prepare_report.json`), returned by `ganjax.data.prepare.prepare` and logged
+when training starts.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ EMPTY_FILE = "empty_file"
 DUPLICATE = "duplicate"
 NOT_AN_IMAGE = "not_an_image"
 CORRUPT_IMAGE = "corrupt_or_truncated_image"
+TOO_LARGE = "too_large"  # over PIL's decompression-bomb limit (~179 megapixels)
 OTHER_FILE = "not_an_image_extension"
 _EXAMPLES_PER_REASON = 5
 
@@ -153,6 +156,8 @@ def _encode_face(job: tuple[str, str, int]) -> tuple[str, str | None, bytes | st
         image = load_face(path, size)
     except UnidentifiedImageError:
         return rel, NOT_AN_IMAGE, "not a decodable image"
+    except Image.DecompressionBombError as e:  # decoding it could exhaust memory
+        return rel, TOO_LARGE, str(e)
     except Exception as e:  # noqa: BLE001 -- any decoder failure means skip and count this file
         return rel, CORRUPT_IMAGE, f"{type(e).__name__}: {e}"
     buf = io.BytesIO()
@@ -289,6 +294,11 @@ class UTKFace(tfds.core.GeneratorBasedBuilder):
                     "filename": os.path.basename(rel),
                     "index": index,
                 },
+            )
+        if self._kept[split] == 0:  # TFDS cannot write an empty split; say why it is empty
+            raise ValueError(
+                f"UTKFace in {self._root}: none of the {len(files)} {split} files decodes as an image. "
+                f"Skipped: {dict(self._skips.counts)}, e.g. {dict(self._skips.examples)}."
             )
 
     def _download_and_prepare(self, dl_manager, download_config):

@@ -28,12 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from clu import parameter_overview
 
 from ganjax import sharding, visualize
 from ganjax.data import pipeline
-from ganjax.evaluation import aging_in_loop
+from ganjax.evaluation import aging_in_loop, aging_offline, offline
 from ganjax.losses import adversarial
 from ganjax.losses import aging as aging_losses
 from ganjax.models import age_embedding
@@ -119,6 +118,7 @@ def validate_config(config) -> None:
     check_choice("model.output", config.model.output, OUTPUTS)
     check_choice("loss.adversarial", config.loss.adversarial, adversarial.ADVERSARIAL_LOSSES)
     check_choice("disc.norm", config.disc.norm, ("instance",))
+    common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
     require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
     require(
         0 <= data.age_min < data.age_max <= model.num_ages - 1,
@@ -166,12 +166,14 @@ def build_models(config) -> tuple[AgingGenerator, PatchDiscriminator]:
         normalize_basis=config.aging.basis == "normalized",
         output=config.model.output,
         replace_feature_mean=config.aging.replace_feature_mean,
+        dtype=common.compute_dtype(config),
     )
     disc = PatchDiscriminator(
         ndf=config.disc.features,
         num_layers=config.disc.num_layers,
         norm=config.disc.norm,
         conditioning_dim=config.model.num_ages if config.disc.age_conditioned else 0,
+        dtype=common.compute_dtype(config),
     )
     return model, disc
 
@@ -307,13 +309,14 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
 def make_eval_fns(model: AgingGenerator, mesh):
     """Jitted estimate_age(params, images) and age_faces(params, images, targets, currents)."""
 
-    @jax.jit
+    # Replicated outputs: every process can read all rows (the batch is split over processes).
+    @functools.partial(jax.jit, out_shardings=sharding.replicated(mesh))
     def estimate(params, images):
         _, embedding = model.apply({"params": params}, images, method=model.encode)
         logits = model.apply({"params": params}, embedding, method=model.estimate)
         return age_embedding.expected_age(logits)
 
-    @functools.partial(jax.jit, static_argnames="use_current")
+    @functools.partial(jax.jit, static_argnames="use_current", out_shardings=sharding.replicated(mesh))
     def age(params, images, target_ages, current_ages, use_current: bool):
         out = model.apply({"params": params}, images, target_ages, current_ages if use_current else None)
         return out["images"]
@@ -346,6 +349,11 @@ class AgingEvaluator:
         self.batch_size = batch_size
         self.use_label = config.aging.current_age == "label"
         self._estimate, self._age, self._put = make_eval_fns(model, mesh)
+
+    def age_faces(self, params, images, targets, currents):
+        """One fixed-size batch aged: (B, H, W, 3), (B,) target and current ages (the current ages are
+        used only with aging.current_age = "label") -> (B, H, W, 3)."""
+        return self._age(params, *self._put(images, targets, currents), self.use_label)
 
     def metrics(self, params) -> dict[str, float]:
         def estimate_age(images):
@@ -403,9 +411,7 @@ def _setup(config, workdir: str):
         image_size=config.data.size,
         num_ages=config.model.num_ages,
     )
-    state_sharding = jax.tree.map(
-        lambda _: sharding.replicated(mesh), jax.eval_shape(init, jax.random.key(0))
-    )
+    state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, config.mesh)
     return workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding
 
 
@@ -473,17 +479,25 @@ def train(config, workdir: str) -> AgingState:
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
-    """Restores the latest checkpoint, writes its metrics and a progression grid."""
+    """--mode eval (ganjax/evaluation/offline.py): the checkpoint(s) that config.eval.step / watch name,
+    EMA and raw generators, in-loop metrics plus age accuracy and identity (aging_offline); writes
+    WORKDIR/eval/<step>.json, eval/results.md and an EMA progression grid. Returns the EMA metrics."""
     workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding = _setup(config, workdir)
     abstract = loop.abstract_state(init, jax.random.key(0), state_sharding)
-    state, latest = loop.restore_for_eval(config, workdir, abstract)
     evaluator = _make_evaluator(config, model, mesh)
-    metrics = evaluator.metrics(state.ema_params)
-    grid = evaluator.progression(state.ema_params)
-    writer = common.create_writer(workdir)
-    writer.write_scalars(latest, {f"eval/{k}": v for k, v in metrics.items()})
-    writer.close()
-    if jax.process_index() == 0:
-        visualize.save_png(grid, os.path.join(workdir, "samples", f"eval_{latest:07d}.png"))
-    logging.info("Evaluation at step %d: %s", latest, metrics)
-    return metrics
+    extras = aging_offline.AgingExtras(config, evaluator.eval_set, evaluator.batch_size)
+
+    def evaluate_step(step: int) -> offline.StepResult:
+        state = offline.restore_step(config, workdir, abstract, step)
+        result = offline.StepResult(metrics={}, notes=list(extras.notes))
+        for name, params in (("ema", state.ema_params), ("raw", state.g_params)):
+            metrics, rows = extras.metrics(functools.partial(evaluator.age_faces, params))
+            result.metrics[name] = {**evaluator.metrics(params), **metrics}
+            if rows:
+                result.per_target[name] = rows
+        grid = evaluator.progression(state.ema_params)  # every process: the generator runs on the mesh
+        if jax.process_index() == 0:
+            visualize.save_png(grid, os.path.join(workdir, "samples", f"eval_{step:07d}.png"))
+        return result
+
+    return offline.run(config, workdir, evaluate_step, primary="ema")

@@ -5,6 +5,9 @@ Kept small on purpose: each trainer stays a readable linear loop and forks what 
 
 from __future__ import annotations
 
+import difflib
+import functools
+import importlib.util
 import json
 import math
 import os
@@ -43,11 +46,23 @@ def check_positive(key: str, value: float, *, allow_zero: bool = False) -> None:
     require(ok, f"config.{key} = {value!r} must be {bound}.")
 
 
+# config.dtype: the compute dtype of the networks. Parameters and optimizer states stay float32 and
+# losses are computed in float32 whatever it is; "bfloat16" is for GPU/TPU (XLA:CPU runs it no faster).
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(config) -> jnp.dtype:
+    """The networks' compute dtype named by config.dtype (absent in older run configs: float32)."""
+    name = config.get("dtype", "float32")
+    check_choice("dtype", name, tuple(COMPUTE_DTYPES))
+    return COMPUTE_DTYPES[name]
+
+
 def check_batch_divisible(global_batch: int, data_parallel: int, process_count: int) -> None:
     require(
         global_batch % data_parallel == 0,
-        f"config.train.batch_size = {global_batch} is not divisible by the mesh's data axis "
-        f"({data_parallel} devices); use a multiple of {data_parallel}.",
+        f"config.train.batch_size = {global_batch} is not divisible by the mesh's data axis times its "
+        f"fsdp axis ({data_parallel} devices share each batch); use a multiple of {data_parallel}.",
     )
     require(
         global_batch % process_count == 0,
@@ -55,11 +70,86 @@ def check_batch_divisible(global_batch: int, data_parallel: int, process_count: 
     )
 
 
+# The config file each trainer ships (configs/ of a source checkout): its keys and value types are the
+# trainer's schema. Variants of a file change values only, never keys.
+SHIPPED_CONFIGS = {
+    "aging": "aging_utkface.py",
+    "pix2pix": "pix2pix_cityscapes.py",
+    "cyclegan": "cyclegan_horse2zebra.py",
+    "distill_pix2pix": "distill_pix2pix_cityscapes.py",
+    "distill_cyclegan": "distill_cyclegan_horse2zebra.py",
+    "age_regressor": "age_regressor.py",
+}
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS_DIR = os.path.join(_REPO, "configs")
+
+
+def check_config_keys(config, configs_dir: str = CONFIGS_DIR) -> None:
+    """Raises ConfigError for a key that the trainer's shipped config does not have (a typo would
+    otherwise be silently ignored) or a value of another type. Command-line overrides get this from
+    ml_collections' locked config; this covers configs built in Python (`main.run`). Skipped when the
+    shipped config file is not there (an installed package without configs/)."""
+    name = SHIPPED_CONFIGS.get(config.get("trainer"))
+    path = os.path.join(configs_dir, name) if name else ""
+    if not path or not os.path.isfile(path):
+        return
+    schema = _flat_items(_load_config_file(path).get_config(""))
+    given = _flat_items(config)
+    for key, value in given.items():
+        if key not in schema:
+            close = difflib.get_close_matches(key, list(schema), n=1)
+            hint = f"; did you mean config.{close[0]}?" if close else "."
+            raise ConfigError(
+                f"config.{key} is not a setting of the {config.trainer!r} trainer (see configs/{name}){hint}"
+            )
+        expected = schema[key]
+        if not _same_kind(expected, value):
+            raise ConfigError(
+                f"config.{key} = {value!r} is a {type(value).__name__}; configs/{name} has a "
+                f"{type(expected).__name__} there ({expected!r})."
+            )
+
+
+@functools.cache
+def _load_config_file(path: str):
+    spec = importlib.util.spec_from_file_location(f"_shipped_config_{os.path.basename(path)[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _flat_items(config, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict | dict):
+            out.update(_flat_items(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _same_kind(expected: Any, value: Any) -> bool:
+    """ml_collections' type rule (an int may stand for a float), with tuples and lists alike (JSON)."""
+    if expected is None:
+        return True  # no type to compare
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(expected, bool) and isinstance(value, bool)
+    if isinstance(expected, float):
+        return isinstance(value, int | float)
+    for kind in (int, str):
+        if isinstance(expected, kind):
+            return isinstance(value, kind)
+    if isinstance(expected, tuple | list):
+        return isinstance(value, tuple | list)
+    return True
+
+
 def check_workdir_writable(workdir: str) -> str:
     workdir = os.path.abspath(os.path.expanduser(workdir))
     try:
         os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, ".write_probe")
+        # One probe per process: the processes of a multi-host job share the workdir.
+        probe = os.path.join(workdir, f".write_probe.{os.getpid()}.{jax.process_index()}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

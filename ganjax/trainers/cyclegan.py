@@ -38,12 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from clu import parameter_overview
 
 from ganjax import sharding, visualize
 from ganjax.data import translation_pipeline
-from ganjax.evaluation import translation_in_loop
+from ganjax.evaluation import offline, translation_in_loop, translation_offline
 from ganjax.losses import adversarial
 from ganjax.losses.aging import l1
 from ganjax.trainers import common, distillation, loop
@@ -323,6 +322,11 @@ def train_step(
         "g_param_norm": common.tree_norm(g_params),
         "d_param_norm": common.tree_norm(d_params),
     }
+    # Per network too: one diverging direction hides in the pair's total.
+    for grads, params in ((g_grads, g_params), (d_grads, d_params)):
+        for name in grads:  # G_A, G_B / D_A, D_B
+            metrics[f"{name}_grad_norm"] = common.tree_norm(grads[name])
+            metrics[f"{name}_param_norm"] = common.tree_norm(params[name])
     return new_state, metrics
 
 
@@ -346,7 +350,8 @@ class CycleGANEvaluator:
         variables = {"params": state.g_params[name], "batch_stats": state.g_batch_stats[name]}
 
         def translate(images, indices):
-            return self._translate(variables, *sharding.put_replicated_batch((images, indices), self._mesh))
+            batch = sharding.put_replicated_batch((images, indices), self._mesh)
+            return sharding.to_host(self._translate(variables, *batch))  # rows of all processes
 
         test = translation_in_loop.TestSet(name, inputs)
         return translation_in_loop.translate_all(translate, test, self.batch_size)
@@ -406,7 +411,7 @@ def _setup(config, workdir: str):
         image_size=config.data.crop_size,
         pool_size=config.train.pool_size,
     )
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, tc.init_key(0)))
+    state_sharding = sharding.state_shardings(jax.eval_shape(init, tc.init_key(0)), mesh, config.mesh)
     return workdir, mesh, gen, disc, tx, schedule, init, state_sharding
 
 
@@ -483,16 +488,27 @@ def train(config, workdir: str) -> CycleGANState:
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
-    """Restores the latest checkpoint, writes its metrics (synthetic scenes) and sample grids."""
+    """--mode eval (ganjax/evaluation/offline.py): the checkpoint(s) that config.eval.step / watch name,
+    in-loop metrics plus FID/KID and a user segmenter's FCN-score per direction (translation_offline); writes
+    WORKDIR/eval/ and sample grids. Returns the metrics (raw weights: CycleGAN keeps no EMA)."""
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
     abstract = loop.abstract_state(init, tc.init_key(0), state_sharding)
-    state, latest = loop.restore_for_eval(config, workdir, abstract)
     evaluator = CycleGANEvaluator(config, gen, mesh)
-    metrics = evaluator.metrics(state)
+    extras = translation_offline.TranslationExtras(config, mesh, evaluator.batch_size, ("AtoB", "BtoA"))
+    generator_of = {"AtoB": GENERATORS[0], "BtoA": GENERATORS[1]}
     writer = common.create_writer(workdir)
-    if metrics:
-        writer.write_scalars(latest, {f"eval/{k}": v for k, v in metrics.items()})
-    _write_samples(writer, evaluator, state, latest, workdir, "eval")
-    writer.close()
-    logging.info("Evaluation at step %d: %s", latest, metrics)
-    return metrics
+
+    def evaluate_step(step: int) -> offline.StepResult:
+        state = offline.restore_step(config, workdir, abstract, step)
+        metrics = evaluator.metrics(state)
+        per_direction = extras.metrics(
+            lambda test: evaluator._run(state, generator_of[test.name], test.inputs)
+        )
+        metrics.update({f"{d}/{k}": v for d, scores in per_direction.items() for k, v in scores.items()})
+        _write_samples(writer, evaluator, state, step, workdir, "eval")
+        return offline.StepResult(metrics={"raw": metrics}, notes=list(extras.notes))
+
+    try:
+        return offline.run(config, workdir, evaluate_step, primary="raw")
+    finally:
+        writer.close()

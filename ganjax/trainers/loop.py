@@ -10,11 +10,24 @@ actions live here once. Per step, in this order (each also on the last step):
   samples     every config.log.sample_every_steps: `write_samples(state, step)`
   checkpoint  every config.checkpoint.every_steps: the metrics are checked first, so a non-finite run
               never overwrites its last good checkpoint
+
+Stopping early (preemption, Ctrl-C): while the loop runs, SIGTERM or SIGINT lets the current step finish,
+logs its metrics, saves a checkpoint at that step (skipping eval and samples), closes the writers and the
+data workers and returns normally, so `python -m ganjax.main` exits with status 0; the same command
+resumes. A second SIGINT interrupts at once (KeyboardInterrupt). In a multi-process job SIGTERM belongs to
+JAX's preemption service, which tells every process: all of them stop at the step orbax's
+`reached_preemption` names, so they save the same step (SIGINT is turned into such a notice there).
+
+Resuming (`restore_latest`): the latest complete checkpoint; incomplete ones (a save killed half-way, a
+step folder without its state) are ignored and each is named in a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,8 +49,15 @@ def open_checkpointer(config, workdir: str) -> checkpoint.Checkpointer:
 
 
 def restore_latest(ckpt: checkpoint.Checkpointer, state, train_iter) -> tuple[Any, bool]:
-    """(state, True) restored from the workdir's latest checkpoint, data position included, or
-    (state, False) unchanged when the workdir has none."""
+    """(state, True) restored from the workdir's latest complete checkpoint, data position included, or
+    (state, False) unchanged when the workdir has none. Incomplete checkpoints are named in a warning;
+    incomplete step folders are renamed `<step>.incomplete` (process 0) so that the step can be saved
+    again."""
+    for path, reason in ckpt.incomplete():
+        note = ""
+        if os.path.basename(path).isdigit() and jax.process_index() == 0:
+            note = f"; moved to {ckpt.set_aside(path)}"
+        logging.warning("Ignoring incomplete checkpoint %s: %s%s.", path, reason, note)
     latest = ckpt.latest_step()
     if latest is None:
         return state, False
@@ -70,6 +90,78 @@ def abstract_state(init: Callable, rng, state_sharding):
     )
 
 
+class StopSignals:
+    """While active (a `with` block in the main thread), SIGTERM and SIGINT ask the loop to stop after the
+    current step instead of killing the process; the previous handlers come back on exit.
+
+    One process: both signals set `received`. Several processes: SIGTERM is left to JAX's preemption
+    notifier (installed by jax.distributed.initialize), which propagates it to every process, and SIGINT
+    is re-sent as SIGTERM to reach it; the loop then stops where `Checkpointer.reached_preemption` says, the
+    same step everywhere. A second SIGINT raises KeyboardInterrupt (stop now, no checkpoint).
+    """
+
+    def __init__(self):
+        self.received: str | None = None  # name of the first signal
+        self._previous: dict[int, Any] = {}
+        self._local = _single_process()
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # handlers can only be installed from the main thread
+        if self._local:
+            wanted = (signal.SIGTERM, signal.SIGINT)
+        elif _jax_preemption_service_running():
+            wanted = (signal.SIGINT,)
+        else:
+            logging.warning(
+                "The JAX preemption service is off: SIGTERM/SIGINT end this multi-process run without a "
+                "checkpoint (enable jax_enable_preemption_service to save on preemption)."
+            )
+            wanted = ()
+        for signum in wanted:
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                self.__exit__()
+                raise KeyboardInterrupt(f"second {name} while stopping")
+            logging.warning("%s received; already stopping after the current step.", name)
+            return
+        self.received = name
+        logging.warning(
+            "%s received: finishing the current step, then saving a checkpoint and stopping "
+            "(press Ctrl-C again to stop at once, without a checkpoint).",
+            name,
+        )
+        if not self._local:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's notifier tells every process
+
+    def should_stop(self, step: int, ckpt: checkpoint.Checkpointer) -> bool:
+        """Whether to stop after `step`; call it at every step (the multi-process sync point needs that)."""
+        if self._local:
+            return self.received is not None
+        return ckpt.reached_preemption(step)
+
+
+def _single_process() -> bool:
+    return jax.process_count() == 1
+
+
+def _jax_preemption_service_running() -> bool:
+    # jax exposes no public query for this; the pinned jax keeps it in distributed.global_state.
+    from jax._src import distributed
+
+    return distributed.global_state.preemption_sync_manager is not None
+
+
 def train_loop(
     config,
     *,
@@ -83,8 +175,9 @@ def train_loop(
     write_samples: SamplesFn,
 ):
     """Runs `step_fn(state, sharded_batch) -> (state, metrics)` up to config.train.num_steps with the
-    periodic actions above; closes the checkpointer (waiting for the last save), the writer and the
-    data iterator on any exit. Returns the final state."""
+    periodic actions above, or until a stop signal (see `StopSignals`); closes the checkpointer (waiting
+    for the last save), the writer and the data iterator on any exit. Returns the final state (the state
+    of the step it stopped at after a signal)."""
     num_steps = config.train.num_steps
     step = int(jax.device_get(state.step))
     report = periodic_actions.ReportProgress(
@@ -92,7 +185,12 @@ def train_loop(
     )
     history = common.MetricHistory()  # device metrics since the last log, fetched lazily
 
-    try:
+    # Exit order: wait for the last save, close the writers and the data workers (each even if another
+    # fails), then put the previous signal handlers back.
+    with StopSignals() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(common.close_iterator, train_iter)
+        cleanup.callback(writer.close)
+        cleanup.callback(ckpt.close)
         while step < num_steps:
             batch = sharding.shard_batch(next(train_iter), mesh)
             state, metrics = step_fn(state, batch)
@@ -100,23 +198,31 @@ def train_loop(
             history.append(step, metrics)
             report(step)
             last = step == num_steps
+            # A stop signal skips eval and samples: the time before a preemption's kill is short.
+            stopping = stop.should_stop(step, ckpt) and not last
 
-            if step % config.log.every_steps == 0 or last:
+            if step % config.log.every_steps == 0 or last or stopping:
                 writer.write_scalars(step, common.mean_metrics(history.fetch_checked(ckpt)))
                 history.clear()
                 writer.flush()  # once per log interval, not on every step
-            if step % config.eval.every_steps == 0 or last:
+            if (step % config.eval.every_steps == 0 or last) and not stopping:
                 with report.timed("eval"):
                     eval_metrics = evaluate(state)
                 if eval_metrics:
                     writer.write_scalars(step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-            if step % config.log.sample_every_steps == 0 or last:
+            if (step % config.log.sample_every_steps == 0 or last) and not stopping:
                 write_samples(state, step)
-            if step % config.checkpoint.every_steps == 0 or last:
+            if step % config.checkpoint.every_steps == 0 or last or stopping:
                 history.fetch_checked(ckpt)
                 ckpt.save(step, state, train_iter.get_state())
-    finally:
-        ckpt.close()
-        writer.close()
-        common.close_iterator(train_iter)
+            if stopping:
+                logging.warning(
+                    "Stopped at step %d of %d (%s): checkpoint saved in %s. Run the same command "
+                    "to resume from it.",
+                    step,
+                    num_steps,
+                    stop.received or "preemption notice",
+                    ckpt.directory,
+                )
+                break
     return state

@@ -32,12 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from clu import parameter_overview
 
 from ganjax import sharding, visualize
 from ganjax.data import translation_pipeline
-from ganjax.evaluation import translation_in_loop
+from ganjax.evaluation import offline, translation_in_loop, translation_offline
 from ganjax.losses import adversarial
 from ganjax.losses.aging import l1
 from ganjax.trainers import common, distillation, loop
@@ -244,7 +243,8 @@ class Pix2PixEvaluator:
         variables = {"params": state.g_params, "batch_stats": state.g_batch_stats}
 
         def translate(images, indices):
-            return self._translate(variables, *sharding.put_replicated_batch((images, indices), self._mesh))
+            batch = sharding.put_replicated_batch((images, indices), self._mesh)
+            return sharding.to_host(self._translate(variables, *batch))  # rows of all processes
 
         return translation_in_loop.translate_all(translate, test, self.batch_size)
 
@@ -286,7 +286,7 @@ def _setup(config, workdir: str):
     init = functools.partial(
         init_state, gen=gen, disc=disc, g_tx=tx, d_tx=tx, image_size=config.data.crop_size
     )
-    state_sharding = jax.tree.map(lambda _: sharding.replicated(mesh), jax.eval_shape(init, tc.init_key(0)))
+    state_sharding = sharding.state_shardings(jax.eval_shape(init, tc.init_key(0)), mesh, config.mesh)
     return workdir, mesh, gen, disc, tx, schedule, init, state_sharding
 
 
@@ -364,17 +364,23 @@ def train(config, workdir: str) -> Pix2PixState:
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
-    """Restores the latest checkpoint, writes its metrics (synthetic scenes) and a sample grid."""
+    """--mode eval (ganjax/evaluation/offline.py): the checkpoint(s) that config.eval.step / watch name,
+    in-loop metrics plus FID/KID and a user segmenter's FCN-score (translation_offline); writes
+    WORKDIR/eval/ and a sample grid. Returns the metrics (raw weights: pix2pix keeps no EMA)."""
     workdir, mesh, gen, disc, tx, schedule, init, state_sharding = _setup(config, workdir)
-    state, latest = loop.restore_for_eval(
-        config, workdir, loop.abstract_state(init, tc.init_key(0), state_sharding)
-    )
+    abstract = loop.abstract_state(init, tc.init_key(0), state_sharding)
     evaluator = Pix2PixEvaluator(config, gen, mesh)
-    metrics = evaluator.metrics(state)
+    extras = translation_offline.TranslationExtras(config, mesh, evaluator.batch_size, ("AtoB",))
     writer = common.create_writer(workdir)
-    if metrics:
-        writer.write_scalars(latest, {f"eval/{k}": v for k, v in metrics.items()})
-    _write_samples(writer, evaluator, state, latest, workdir, "eval")
-    writer.close()
-    logging.info("Evaluation at step %d: %s", latest, metrics)
-    return metrics
+
+    def evaluate_step(step: int) -> offline.StepResult:
+        state = offline.restore_step(config, workdir, abstract, step)
+        metrics = evaluator.metrics(state)
+        metrics.update(extras.metrics(lambda test: evaluator._outputs(state, test)).get("AtoB", {}))
+        _write_samples(writer, evaluator, state, step, workdir, "eval")
+        return offline.StepResult(metrics={"raw": metrics}, notes=list(extras.notes))
+
+    try:
+        return offline.run(config, workdir, evaluate_step, primary="raw")
+    finally:
+        writer.close()
