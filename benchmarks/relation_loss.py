@@ -141,6 +141,63 @@ def _reference(args, teacher, student):
         return float(value), [np.asarray(g) for g in grads]
 
 
+def measure(
+    sizes,
+    *,
+    methods=RELATION_METHODS,
+    batch=1,
+    teacher_channels=256,
+    student_channels=64,
+    normalize="row",
+    grad="student",
+    close=None,
+    warmup=1,
+    repeats=5,
+    max_dense_bytes=8 * 2**30,
+    accuracy=True,
+) -> list[dict]:
+    """Benchmark rows (dicts, one per N and method) as `main` prints them; `main`'s flags as arguments.
+
+    A fused row at an N where dense also ran gets "dense_over_fused_time" and "dense_over_fused_temp" /
+    "dense_over_fused_peak" (ratios of compiled temp and peak bytes).
+    """
+    args = argparse.Namespace(
+        batch=batch,
+        normalize=normalize,
+        grad=grad,
+        warmup=warmup,
+        repeats=repeats,
+        max_dense_bytes=max_dense_bytes,
+    )
+    rows = []
+    for n in sizes:
+        h, w = _spatial(n)
+        teacher = _features(2 * n, (batch, h, w, teacher_channels))
+        if close is None:
+            student = _features(2 * n + 1, (batch, h, w, student_channels))
+        else:
+            student = _close_student(2 * n + 1, teacher, student_channels, close)
+        teacher, student = teacher.astype(np.float32), student.astype(np.float32)
+        reference = _reference(args, teacher, student) if accuracy else None
+        by_method = {
+            m: _run_one(n, m, args, jnp.asarray(teacher), jnp.asarray(student), reference) for m in methods
+        }
+        f, d = by_method.get("fused", {}), by_method.get("dense", {})
+        if "median_s" in f and "median_s" in d:
+            f["dense_over_fused_time"] = d["median_s"] / f["median_s"]
+            f["loss_rel_diff_vs_dense"] = abs(f["loss"] - d["loss"]) / abs(d["loss"])
+            f["grad_rel_diff_vs_dense"] = max(
+                _rel(x, y) for x, y in zip(f["_grads"], d["_grads"], strict=True)
+            )
+        for key in ("temp", "peak"):
+            if f.get(f"{key}_bytes") and d.get(f"{key}_bytes"):
+                f[f"dense_over_fused_{key}"] = d[f"{key}_bytes"] / f[f"{key}_bytes"]
+        for m in methods:
+            by_method[m].pop("_grads", None)
+            rows.append(by_method[m])
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -205,47 +262,40 @@ def main(argv=None):
     )
     print(header)
     print("-" * len(header))
-    for n in sizes:
-        h, w = _spatial(n)
-        teacher = _features(2 * n, (args.batch, h, w, args.teacher_channels))
-        if args.close is None:
-            student = _features(2 * n + 1, (args.batch, h, w, args.student_channels))
-        else:
-            student = _close_student(2 * n + 1, teacher, args.student_channels, args.close)
-        teacher, student = teacher.astype(np.float32), student.astype(np.float32)
-        reference = None if args.no_accuracy else _reference(args, teacher, student)
-        rows = {}
-        for method in methods:
-            rows[method] = _run_one(n, method, args, jnp.asarray(teacher), jnp.asarray(student), reference)
-        f, d = rows.get("fused", {}), rows.get("dense", {})
-        if "median_s" in f and "median_s" in d:
-            f["dense_over_fused_time"] = d["median_s"] / f["median_s"]
-            f["loss_rel_diff_vs_dense"] = abs(f["loss"] - d["loss"]) / abs(d["loss"])
-            f["grad_rel_diff_vs_dense"] = max(
-                _rel(x, y) for x, y in zip(f["_grads"], d["_grads"], strict=True)
+    for row in measure(
+        sizes,
+        methods=methods,
+        batch=args.batch,
+        teacher_channels=args.teacher_channels,
+        student_channels=args.student_channels,
+        normalize=args.normalize,
+        grad=args.grad,
+        close=args.close,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        max_dense_bytes=args.max_dense_bytes,
+        accuracy=not args.no_accuracy,
+    ):
+        results["rows"].append(row)
+        n, method = row["n"], row["method"]
+        if "skipped" in row:
+            print(f"{n:>6} {method:>8} {row['compile_s']:>9.2f} {'skipped: ' + row['skipped']}")
+            continue
+        err = (
+            f"{row['loss_rel_err_vs_f64']:>8.1e} {row['grad_rel_err_vs_f64']:>8.1e}"
+            if "loss_rel_err_vs_f64" in row
+            else f"{'-':>8} {'-':>8}"
+        )
+        cmp = ""
+        if "loss_rel_diff_vs_dense" in row:
+            cmp = (
+                f"  {row['loss_rel_diff_vs_dense']:.1e}/{row['grad_rel_diff_vs_dense']:.1e}"
+                f" (dense/fused time {row['dense_over_fused_time']:.2g})"
             )
-        for method in methods:
-            row = rows[method]
-            row.pop("_grads", None)
-            results["rows"].append(row)
-            if "skipped" in row:
-                print(f"{n:>6} {method:>8} {row['compile_s']:>9.2f} {'skipped: ' + row['skipped']}")
-                continue
-            err = (
-                f"{row['loss_rel_err_vs_f64']:>8.1e} {row['grad_rel_err_vs_f64']:>8.1e}"
-                if "loss_rel_err_vs_f64" in row
-                else f"{'-':>8} {'-':>8}"
-            )
-            cmp = ""
-            if "loss_rel_diff_vs_dense" in row:
-                cmp = (
-                    f"  {row['loss_rel_diff_vs_dense']:.1e}/{row['grad_rel_diff_vs_dense']:.1e}"
-                    f" (dense/fused time {row['dense_over_fused_time']:.2g})"
-                )
-            print(
-                f"{n:>6} {method:>8} {row['compile_s']:>9.2f} {row['median_s']:>9.4f} {row['min_s']:>8.4f} "
-                f"{_fmt_bytes(row.get('temp_bytes')):>10} {_fmt_bytes(row.get('peak_bytes')):>10} {err}{cmp}"
-            )
+        print(
+            f"{n:>6} {method:>8} {row['compile_s']:>9.2f} {row['median_s']:>9.4f} {row['min_s']:>8.4f} "
+            f"{_fmt_bytes(row.get('temp_bytes')):>10} {_fmt_bytes(row.get('peak_bytes')):>10} {err}{cmp}"
+        )
         sys.stdout.flush()
     print(
         "temp/peak: XLA compiled memory analysis (peak = temp + output + arguments); errors: max relative "

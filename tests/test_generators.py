@@ -255,8 +255,11 @@ def test_bfloat16_compute():
     x = images(1, 3, 16)[1]
     model = ResnetGenerator(ngf=4, num_blocks=1)
     variables = random_variables(model, x)
-    y16 = jax.jit(model.clone(dtype=jnp.bfloat16).apply)(variables, x)
-    assert y16.dtype == jnp.bfloat16
+    y16, feats = jax.jit(functools.partial(model.clone(dtype=jnp.bfloat16).apply, return_features=("stem",)))(
+        variables, x
+    )
+    assert y16.dtype == jnp.float32  # the image leaves in float32 (tanh in float32) ...
+    assert feats["stem"].dtype == jnp.bfloat16  # ... the activations are bfloat16
     assert jax.tree.leaves(variables)[0].dtype == jnp.float32
     y32 = jax.jit(model.apply)(variables, x)
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05)

@@ -130,13 +130,16 @@ def discriminator_forward(ndf, size, *, n_layers=3, norm="batch", input_nc=6, ba
     return {**abs_diff(nchw(y), expected), "scale": float(np.abs(expected).max())}
 
 
-def torch_pix2pix_step(net_g, net_d, opt_g, opt_d, real_a, real_b, l1_weight=L1_WEIGHT) -> dict[str, float]:
+def torch_pix2pix_step(
+    net_g, net_d, opt_g, opt_d, real_a, real_b, l1_weight=L1_WEIGHT, extra_g_loss=None
+) -> dict[str, float]:
     """The reference's `Pix2PixModel.optimize_parameters` with gan_mode "vanilla", written out.
 
     forward: fake_B = G(A); backward_D on D(A, fake_B.detach()) -> 0 and D(A, B) -> 1, each
     BCEWithLogits, times 0.5; optimizer_D.step(); then, with D frozen, backward_G on
     BCEWithLogits(D(A, fake_B), 1) + l1_weight * L1(fake_B, B) through the same forward; optimizer_G.step().
-    Both networks in train mode. Returns the losses.
+    Both networks in train mode. `extra_g_loss(fake_B)`, when given, returns a scalar tensor added to the G
+    loss (a distillation student's terms; benchmarks/train_steps.py). Returns the losses.
     """
     bce, l1 = torch.nn.BCEWithLogitsLoss(), torch.nn.L1Loss()
     fake_b = net_g(real_a)
@@ -159,6 +162,8 @@ def torch_pix2pix_step(net_g, net_d, opt_g, opt_d, real_a, real_b, l1_weight=L1_
     loss_g_gan = bce(pred_fake, torch.ones_like(pred_fake))
     loss_g_l1 = l1(fake_b, real_b)
     loss_g = loss_g_gan + l1_weight * loss_g_l1
+    if extra_g_loss is not None:
+        loss_g = loss_g + extra_g_loss(fake_b)
     loss_g.backward()
     opt_g.step()
     losses = {"d_total": loss_d, "g_adversarial": loss_g_gan, "g_l1": loss_g_l1, "g_total": loss_g}

@@ -1,7 +1,8 @@
 """Image-to-image generators of junyanz/pytorch-CycleGAN-and-pix2pix (CycleGAN, pix2pix).
 
 Both generators map (B, H, W, C_in) images in [-1, 1] to (B, H, W, output_nc) images in [-1, 1]
-(tanh), NHWC. Parameters are float32; activations are computed in `dtype`. Layer for layer they are the
+(tanh), NHWC. Parameters are float32; activations are computed in `dtype`, and the output image is float32
+(the tanh is taken in float32, so losses and pictures never see bfloat16). Layer for layer they are the
 reference `ResnetGenerator` / `UnetGenerator` (same parameter counts, same outputs for ported weights),
 including `use_bias = (norm == "instance")`.
 
@@ -125,7 +126,7 @@ class ResnetGenerator(nn.Module):
             taps[f"up_{i}"] = h
 
         h = Conv2d(self.output_nc, 7, padding=3, padding_mode="reflect", name="head_conv", **kw)(h)
-        y = jnp.tanh(h)
+        y = jnp.tanh(h.astype(jnp.float32))
         if not return_features:
             return y
         aliases = {"bottleneck": f"block_{self.num_blocks - 1}"} if self.num_blocks else {}
@@ -193,7 +194,7 @@ class UnetGenerator(nn.Module):
             taps[f"up_{i}"] = h
             h = jnp.concatenate([skips[i], h], axis=-1)
 
-        y = jnp.tanh(h)
+        y = jnp.tanh(h.astype(jnp.float32))
         if not return_features:
             return y
         return y, _select_features(taps, return_features, {"bottleneck": f"down_{n - 1}"})

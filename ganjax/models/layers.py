@@ -3,7 +3,7 @@
 All tensors are NHWC float arrays.
 """
 
-from typing import NamedTuple
+import functools
 
 import flax.linen as nn
 import jax
@@ -11,20 +11,47 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def _instance_norm_forward(x, epsilon):
+    mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean) * rstd
+    return y, (y, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def instance_norm(x, epsilon: float = 1e-5):
+    """(x - mean) / sqrt(var + epsilon) over the spatial axes of NHWC x (biased variance, as PyTorch).
+
+    Its VJP is the closed form dx = rstd * (g - mean(g) - y * mean(g * y)): two reductions and one
+    elementwise pass, 1.6-1.8x faster on XLA:CPU than differentiating the three steps above (and a
+    function of y, so the input need not be kept).
+    """
+    return _instance_norm_forward(x, epsilon)[0]
+
+
+def _instance_norm_bwd(epsilon, residuals, g):
+    y, rstd = residuals
+    g_mean = jnp.mean(g, axis=(1, 2), keepdims=True)
+    gy_mean = jnp.mean(g * y, axis=(1, 2), keepdims=True)
+    return (rstd * (g - g_mean - y * gy_mean),)
+
+
+instance_norm.defvjp(lambda x, epsilon: _instance_norm_forward(x, epsilon), _instance_norm_bwd)
+
+
 class InstanceNorm(nn.Module):
     """InstanceNorm as in PyTorch's `nn.InstanceNorm2d` default: no affine, no running stats.
 
     eps is 1e-5 (PyTorch's), not Flax's 1e-6, so that ported weights give the same outputs.
-    (B, H, W, C) -> (B, H, W, C).
+    (B, H, W, C) -> (B, H, W, C); see `instance_norm`.
     """
 
     epsilon: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
-        mean = jnp.mean(x, axis=(1, 2), keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+        return instance_norm(x, self.epsilon)
 
 
 def reflect_pad(x, pad: int):
@@ -42,9 +69,10 @@ def reflect_pad(x, pad: int):
 #   ConvTranspose2d kernel (k, k, C_out, C_in)  = torch weight (C_in, C_out, k, k).transpose(2, 3, 1, 0)
 #   BatchNorm       params scale/bias (C,), batch_stats mean/var (C,)
 # Each conv layer has two implementations with the same parameters and the same outputs:
-#   "reference": the literal layer (reflection pad + VALID conv, `lax.conv_transpose`);
-#   "fast":      exact rewrites that avoid XLA:CPU slow paths (see DESIGN.md): VALID convs become
-#                padded convs plus a crop, transposed convs become a stride-1 conv + depth-to-space.
+#   "reference": the literal layer (reflection pad + VALID conv, `lax.conv_transpose`) and XLA's autodiff;
+#   "fast":      `conv2d_fast` / `conv_transpose_fast`: the same function with a custom VJP, each of the
+#                forward pass, the input gradient and the kernel gradient written as the XLA:CPU
+#                convolution that runs fastest for it (see `conv2d_fast`, docs/performance.md).
 # "auto" picks "fast" on CPU and "reference" on accelerators.
 # ---------------------------------------------------------------------------------------------
 
@@ -69,10 +97,138 @@ def resolve_conv_impl(impl: str) -> str:
 
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_VALID = ((0, 0), (0, 0))
 
 
 def _conv(x, kernel, stride, padding):
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_NHWC)
+
+
+def _zero_pad(x, p: int):
+    return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
+
+
+def _conv_forward(x, kernel, stride: int, padding: int):
+    """conv2d(x, kernel, stride, zero padding) as XLA:CPU runs it fastest.
+
+    A stride-1 conv without padding (after a reflection pad) is 3-30x slower as a VALID conv than with a
+    one-pixel zero pad whose extra output ring is cropped (measured on the ResNet's 3x3 and 7x7 convs).
+    """
+    if stride == 1 and padding == 0:
+        return _conv(x, kernel, 1, ((1, 1), (1, 1)))[:, 1:-1, 1:-1, :]
+    return _conv(x, kernel, stride, ((padding, padding), (padding, padding)))
+
+
+def _phase_taps(phase: int, kernel_size: int, stride: int, padding: int) -> dict[int, int]:
+    """{d: t}: output phase `phase` of a transposed conv reads input row m + d with kernel tap t."""
+    k, s, p = kernel_size, stride, padding
+    return {(phase + p - t) // s: t for t in range(k) if (phase + p - t) % s == 0}
+
+
+def _conv_transpose_forward(x, kernel, stride: int, padding: int, output_padding: tuple[int, int]):
+    """`torch.nn.functional.conv_transpose2d` (kernel (k, k, C_out, C_in)) as stride x stride ordinary
+    convs, one per output phase (a, b) with only the taps that phase uses, interleaved (depth-to-space).
+
+    Output row s*m + a of a transposed conv is sum_t x[m + d] w[t] over the taps t = a + p - s*d, so
+    phase a is a stride-1 conv over x with those taps. No multiplication by zero is done (a single conv
+    over all phases would pad every phase to the largest tap count: 16 instead of 9 taps for k3 s2), and
+    XLA:CPU's `conv_transpose` is avoided (its kernel gradient is 20-60x slower than a conv's).
+    """
+    k, s = kernel.shape[0], stride
+    b, h, w, _ = x.shape
+    c_out = kernel.shape[2]
+    out_h = (h - 1) * s - 2 * padding + k + output_padding[0]
+    out_w = (w - 1) * s - 2 * padding + k + output_padding[1]
+    rows_h, rows_w = -(-out_h // s), -(-out_w // s)  # per-phase rows, cropped to out_h / out_w below
+    phases = []
+    for a in range(s):
+        taps_a = _phase_taps(a, k, s, padding)
+        for b_ in range(s):
+            taps_b = _phase_taps(b_, k, s, padding)
+            if not taps_a or not taps_b:
+                raise ValueError("a phase without taps: kernel_size < stride is not supported")
+            da, db = sorted(taps_a), sorted(taps_b)
+            idx_a = np.asarray([taps_a[d] for d in da])[:, None]
+            idx_b = np.asarray([taps_b[d] for d in db])[None, :]
+            sub = jnp.swapaxes(kernel[idx_a, idx_b], 2, 3)  # (len_a, len_b, C_in, C_out), HWIO
+            pad = ((-da[0], rows_h + da[-1] - h), (-db[0], rows_w + db[-1] - w))
+            phases.append(_conv(x, sub, 1, pad))
+    z = jnp.stack(phases, axis=3).reshape(b, rows_h, rows_w, s, s, c_out)
+    z = z.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows_h * s, rows_w * s, c_out)
+    return z[:, :out_h, :out_w, :]
+
+
+def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int):
+    """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>, as the gradient of a VALID conv of the
+    explicitly padded input: XLA:CPU's kernel gradient of a padded conv is slower, up to 6x for the
+    ResNet's 7x7 head (3 output channels) and 4x for the PatchGAN's last conv (1 channel)."""
+    x = _zero_pad(x, padding)
+    _, vjp = jax.vjp(lambda w: _conv(x, w, stride, _VALID), jnp.zeros(kernel_shape, x.dtype))
+    return vjp(dy)[0]
+
+
+def _transpose_output_padding(in_shape, out_shape, kernel_size: int, stride: int, padding: int):
+    """The output_padding of the transposed conv that maps a conv's output shape back to `in_shape`."""
+    return tuple(
+        n - ((m - 1) * stride - 2 * padding + kernel_size)
+        for n, m in zip(in_shape[1:3], out_shape[1:3], strict=True)
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d_fast(x, kernel, stride: int, padding: int):
+    """`lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2)` (NHWC, HWIO) with
+    a custom VJP, for XLA:CPU. The values are those of the plain conv; each pass is the fastest exact
+    XLA:CPU formulation measured (docs/performance.md):
+
+      forward          the conv itself (stride 1, no padding: one-pixel zero pad + crop)
+      input gradient   stride 1: XLA's; stride > 1: the transposed conv of dy as per-phase ordinary convs
+                       (`_conv_transpose_forward`), not XLA's conv with lhs dilation
+      kernel gradient  that of a VALID conv of the zero-padded input (`_conv_kernel_grad`)
+    """
+    return _conv_forward(x, kernel, stride, padding)
+
+
+def _conv2d_fast_fwd(x, kernel, stride, padding):
+    return _conv_forward(x, kernel, stride, padding), (x, kernel)
+
+
+def _conv2d_fast_bwd(stride, padding, residuals, dy):
+    x, kernel = residuals
+    if stride == 1:
+        pads = ((padding, padding), (padding, padding))
+        dx = jax.vjp(lambda x: _conv(x, kernel, 1, pads), x)[1](dy)[0]
+    else:
+        # The adjoint of a strided conv is the transposed conv with the same kernel array (its
+        # (k, k, C_out, C_in) layout read with C_out = this conv's C_in).
+        op = _transpose_output_padding(x.shape, dy.shape, kernel.shape[0], stride, padding)
+        dx = _conv_transpose_forward(dy, kernel, stride, padding, op)
+    return dx, _conv_kernel_grad(x, dy, kernel.shape, stride, padding)
+
+
+conv2d_fast.defvjp(_conv2d_fast_fwd, _conv2d_fast_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv_transpose_fast(x, kernel, stride: int, padding: int, output_padding: int):
+    """`torch.nn.functional.conv_transpose2d(x, w, stride, padding, output_padding)` for NHWC x and the
+    kernel layout (k, k, C_out, C_in), with a custom VJP for XLA:CPU: forward `_conv_transpose_forward`;
+    a transposed conv is the adjoint of conv2d(., kernel, stride, padding), so its input gradient is that
+    conv of dy and its kernel gradient that conv's kernel gradient with input dy and cotangent x."""
+    return _conv_transpose_forward(x, kernel, stride, padding, (output_padding, output_padding))
+
+
+def _conv_transpose_fast_fwd(x, kernel, stride, padding, output_padding):
+    return conv_transpose_fast(x, kernel, stride, padding, output_padding), (x, kernel)
+
+
+def _conv_transpose_fast_bwd(stride, padding, output_padding, residuals, dy):
+    x, kernel = residuals
+    dx = _conv_forward(dy, kernel, stride, padding)
+    return dx, _conv_kernel_grad(dy, x, kernel.shape, stride, padding)
+
+
+conv_transpose_fast.defvjp(_conv_transpose_fast_fwd, _conv_transpose_fast_bwd)
 
 
 class Conv2d(nn.Module):
@@ -104,10 +260,8 @@ class Conv2d(nn.Module):
         elif self.padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros' or 'reflect', got {self.padding_mode!r}")
 
-        if p == 0 and self.stride == 1 and resolve_conv_impl(self.impl) == "fast":
-            # XLA:CPU runs VALID convs 3-10x slower than padded ones (measured on the ResNet's 3x3 and
-            # 7x7 convs, forward and backward); a one-pixel zero pad and crop gives the same values.
-            y = _conv(x, kernel, 1, ((1, 1), (1, 1)))[:, 1:-1, 1:-1, :]
+        if resolve_conv_impl(self.impl) == "fast":
+            y = conv2d_fast(x, kernel, self.stride, p)
         else:
             y = _conv(x, kernel, self.stride, ((p, p), (p, p)))
         if self.use_bias:
@@ -116,98 +270,12 @@ class Conv2d(nn.Module):
         return y
 
 
-class _SubpixelPlan(NamedTuple):
-    length: int  # taps of the stride-1 conv
-    pad: tuple[int, int]  # its zero padding (lo, hi)
-    taps: list[list[int]]  # taps[a][j]: kernel index used by phase a at window position j, or -1
-    start: list[int]  # phase a's outputs are rows start[a] .. start[a] + rows - 1 of the conv
-    rows: int  # ceil(out_size / stride)
-    out_size: int
-
-
-def _subpixel_plan(in_size, kernel_size, stride, padding, output_padding) -> _SubpixelPlan:
-    """Splits one spatial axis of a transposed conv into `stride` phases of a stride-1 conv.
-
-    PyTorch's transposed conv computes y[o] = sum_{i, t: o = s*i - p + t} x[i] w[t]. Output phase
-    a (o = s*m + a) therefore reads x[m + d] with tap t = a + p - s*d. All phases are computed by one
-    stride-1 conv of `length` taps over x zero-padded by (lo, hi); phase a's outputs m = 0..M-1 are its
-    rows start[a] .. start[a] + M - 1, M = ceil(out_size / s) (the last rows are cropped if needed).
-    """
-    k, s, p = kernel_size, stride, padding
-    out_size = (in_size - 1) * s - 2 * p + k + output_padding
-    m_out = -(-out_size // s)  # phases are computed for ceil(out / s) rows, then cropped to out_size
-    offsets = []  # per phase: {d: t}
-    for a in range(s):
-        ds = {(a + p - t) // s: t for t in range(k) if (a + p - t) % s == 0}
-        if not ds:
-            raise ValueError("a phase without taps: kernel_size < stride is not supported")
-        offsets.append(ds)
-    d_min = [min(ds) for ds in offsets]
-    length = max(max(ds) - min(ds) + 1 for ds in offsets)
-    lo = max(0, -min(d_min))
-    hi = max(0, m_out + max(d_min) + length - 1 - in_size)
-    taps = [[ds.get(d0 + j, -1) for j in range(length)] for ds, d0 in zip(offsets, d_min, strict=True)]
-    start = [d0 + lo for d0 in d_min]
-    return _SubpixelPlan(length, (lo, hi), taps, start, m_out, out_size)
-
-
-def conv_transpose_subpixel(x, kernel, stride, padding, output_padding):
-    """`torch.nn.functional.conv_transpose2d` as a stride-1 conv followed by depth-to-space.
-
-    x (B, H, W, C_in); kernel (k, k, C_out, C_in) in the layout described at the top of this section.
-    Returns (B, H_out, W_out, C_out). Same arithmetic as the transposed conv, but XLA:CPU's backward
-    pass of `conv_transpose` is 20-30x slower than that of an ordinary conv.
-    """
-    k = kernel.shape[0]
-    s = stride
-    b, h, w, c_in = x.shape
-    c_out = kernel.shape[2]
-    plan_h = _subpixel_plan(h, k, s, padding, output_padding)
-    plan_w = _subpixel_plan(w, k, s, padding, output_padding)
-
-    def gather(taps):
-        idx = np.asarray(taps)  # (s, length)
-        return np.maximum(idx, 0), idx >= 0
-
-    (iy, my), (ix, mx) = gather(plan_h.taps), gather(plan_w.taps)
-    # sub[a, j, b, l, o, i] = kernel[iy[a, j], ix[b, l], o, i], zero where a phase has no tap.
-    sub = kernel[iy[:, :, None, None], ix[None, None, :, :]]
-    mask = (my[:, :, None, None] & mx[None, None, :, :]).astype(kernel.dtype)
-    sub = sub * mask[..., None, None]
-    # -> (j, l, i, a, b, o): a stride-1 conv with s*s*C_out output channels, phases major.
-    sub = sub.transpose(1, 3, 5, 0, 2, 4).reshape(plan_h.length, plan_w.length, c_in, s * s * c_out)
-    # Zero-pad the low side explicitly and let the conv pad only the high side: with padding on both
-    # sides XLA:CPU's kernel gradient of this conv takes a slow path (2.8 s vs 0.08 s for the U-Net's
-    # 64 -> 128 px layer, fwd+bwd).
-    (lo_h, hi_h), (lo_w, hi_w) = plan_h.pad, plan_w.pad
-    x = jnp.pad(x, ((0, 0), (lo_h, 0), (lo_w, 0), (0, 0)))
-    z = _conv(x, sub, 1, ((0, hi_h), (0, hi_w)))
-    z = z.reshape(b, z.shape[1], z.shape[2], s, s, c_out)
-
-    def take_phases(z, axis, plan):
-        # Phase a of `axis` lives in rows start[a]..start[a]+m-1 and in the phase axis `axis + 2`.
-        start, m = plan.start, plan.rows
-        if len(set(start)) == 1:  # e.g. the ResNet's k3 s2 p1 op1: a single slice
-            return jax.lax.slice_in_dim(z, start[0], start[0] + m, axis=axis)
-        parts = [
-            jax.lax.slice_in_dim(jnp.take(z, a, axis=axis + 2), st, st + m, axis=axis)
-            for a, st in enumerate(start)
-        ]
-        return jnp.stack(parts, axis=axis + 2)
-
-    z = take_phases(z, 1, plan_h)  # (B, M_h, W', s, s, C)
-    z = take_phases(z, 2, plan_w)  # (B, M_h, M_w, s, s, C)
-    # Depth-to-space: y[s*m + a, s*n + b] = z[m, n, a, b].
-    z = z.transpose(0, 1, 3, 2, 4, 5).reshape(b, plan_h.rows * s, plan_w.rows * s, c_out)
-    return z[:, : plan_h.out_size, : plan_w.out_size, :]
-
-
 class ConvTranspose2d(nn.Module):
     """`torch.nn.ConvTranspose2d(C_in, features, k, stride, padding, output_padding)`.
 
     (B, H, W, C_in) -> (B, (H-1)*stride - 2*padding + k + output_padding, ..., features) in `dtype`.
     "reference" is `nn.ConvTranspose(padding=(k-1-p, k-1-p+op), transpose_kernel=True)`'s arithmetic;
-    "fast" is `conv_transpose_subpixel`. Both use the same kernel (k, k, features, C_in).
+    "fast" is `conv_transpose_fast`. Both use the same kernel (k, k, features, C_in).
     """
 
     features: int
@@ -226,7 +294,7 @@ class ConvTranspose2d(nn.Module):
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
         if resolve_conv_impl(self.impl) == "fast":
-            y = conv_transpose_subpixel(x, kernel, self.stride, p, op)
+            y = conv_transpose_fast(x, kernel, self.stride, p, op)
         else:
             pad = (k - 1 - p, k - 1 - p + op)
             y = jax.lax.conv_transpose(

@@ -79,10 +79,17 @@ class DistillSettings:
 
 
 def make_teacher(config) -> nn.Module:
-    """The teacher generator: config.model's architecture with config.teacher's width and norm."""
+    """The teacher generator: config.model's architecture with config.teacher's width and norm, computing
+    in config.dtype like the student."""
     m, t = config.model, config.teacher
     return build_generator(
-        m.generator, t.ngf, norm=t.norm, use_dropout=t.dropout, conv_impl=m.conv_impl, output_nc=3
+        m.generator,
+        t.ngf,
+        norm=t.norm,
+        use_dropout=t.dropout,
+        conv_impl=m.conv_impl,
+        output_nc=3,
+        dtype=common.compute_dtype(config),
     )
 
 

@@ -4,6 +4,7 @@ test sets and sample grids.
 Config blocks read here (documented knob by knob in configs/pix2pix_cityscapes.py and
 configs/cyclegan_horse2zebra.py):
   data.*        the translation data keys of `ganjax.data.image_folders.make_translation_builder`
+  dtype         compute dtype of both networks ("float32" | "bfloat16"; parameters stay float32)
   model.*       generator, ngf, norm, dropout, conv_impl
   disc.*        features, num_layers, norm
   train.*       num_steps, decay_steps, batch_size, learning_rate, b1, b2
@@ -78,6 +79,7 @@ def check_networks(config) -> None:
     check_choice("model.generator", model.generator, GENERATOR_ARCHS)
     check_choice("model.norm", model.norm, NORMS)
     check_choice("model.conv_impl", model.conv_impl, CONV_IMPLS)
+    common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
     check_choice("disc.norm", disc.norm, NORMS)
     check_positive("model.ngf", model.ngf)
     check_positive("disc.features", disc.features)
@@ -130,13 +132,21 @@ def make_generator(config) -> nn.Module:
     """(B, S, S, 3) in [-1, 1] -> (B, S, S, 3) in [-1, 1]; variables "params" (+ "batch_stats")."""
     m = config.model
     return build_generator(
-        m.generator, m.ngf, norm=m.norm, use_dropout=m.dropout, conv_impl=m.conv_impl, output_nc=3
+        m.generator,
+        m.ngf,
+        norm=m.norm,
+        use_dropout=m.dropout,
+        conv_impl=m.conv_impl,
+        output_nc=3,
+        dtype=common.compute_dtype(config),
     )
 
 
 def make_discriminator(config) -> PatchDiscriminator:
     d = config.disc
-    return PatchDiscriminator(ndf=d.features, num_layers=d.num_layers, norm=d.norm)
+    return PatchDiscriminator(
+        ndf=d.features, num_layers=d.num_layers, norm=d.norm, dtype=common.compute_dtype(config)
+    )
 
 
 def init_key(seed: int) -> jax.Array:

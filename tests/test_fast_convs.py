@@ -1,0 +1,125 @@
+"""The custom-VJP convolutions and InstanceNorm of ganjax.models.layers against XLA's own ops: values,
+input gradients and kernel gradients agree to float32 rounding (1e-5 of the largest value)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ganjax.models import layers
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _compare(fast, reference, x, kernel, tol=1e-5):
+    """Values and both gradients (for a random cotangent) of two functions of (x, kernel)."""
+    y_ref = jax.jit(reference)(x, kernel)
+    dy = jnp.asarray(np.random.default_rng(1).standard_normal(y_ref.shape), x.dtype)
+
+    def value_and_vjp(fn):
+        y, vjp = jax.vjp(fn, x, kernel)
+        return y, vjp(dy)
+
+    (y, (dx, dk)), (y0, (dx0, dk0)) = (
+        jax.jit(lambda: value_and_vjp(fast))(),
+        jax.jit(lambda: value_and_vjp(reference))(),
+    )
+    assert y.shape == y0.shape and dx.shape == x.shape and dk.shape == kernel.shape
+    for got, want in ((y, y0), (dx, dx0), (dk, dk0)):
+        assert _rel(got, want) < tol
+
+
+@pytest.mark.parametrize(
+    "k,s,p,h,w,c_in,c_out",
+    [
+        (3, 1, 0, 10, 9, 5, 6),  # ResNet block conv after a reflection pad (pad 1 + crop forward)
+        (7, 1, 0, 14, 14, 8, 3),  # ResNet head: 3 output channels
+        (7, 1, 0, 14, 12, 3, 8),  # ResNet stem: 3 input channels
+        (3, 2, 1, 16, 16, 4, 8),  # ResNet down-sampling
+        (3, 2, 1, 15, 13, 4, 8),  # odd sizes: the input gradient needs output_padding
+        (4, 2, 1, 16, 12, 6, 8),  # PatchGAN / U-Net down-sampling
+        (4, 1, 1, 5, 5, 8, 1),  # PatchGAN's last conv: 1 output channel
+        (4, 1, 1, 6, 7, 8, 16),  # PatchGAN's stride-1 conv
+        (5, 3, 2, 11, 10, 3, 4),  # stride 3
+        (1, 1, 0, 4, 4, 3, 5),  # 1x1
+        (4, 2, 1, 2, 2, 4, 4),  # U-Net innermost level: 2x2 -> 1x1
+    ],
+)
+def test_conv2d_fast_matches_xla(k, s, p, h, w, c_in, c_out):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out)) * 0.1, jnp.float32)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
+
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+
+
+@pytest.mark.parametrize(
+    "k,s,p,op,h,w",
+    [
+        (3, 2, 1, 1, 8, 8),  # ResNet up-sampling
+        (4, 2, 1, 0, 8, 6),  # U-Net up-sampling
+        (4, 2, 1, 0, 1, 1),  # U-Net innermost level
+        (5, 2, 2, 1, 7, 5),
+        (3, 3, 1, 2, 4, 5),
+        (6, 3, 1, 1, 3, 4),  # output size not a multiple of the stride
+    ],
+)
+def test_conv_transpose_fast_matches_xla(k, s, p, op, h, w):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 7, 5)) * 0.1, jnp.float32)  # (k, k, C_out, C_in)
+
+    def reference(x, kernel):
+        pad = (k - 1 - p, k - 1 - p + op)
+        return jax.lax.conv_transpose(
+            x, kernel, (s, s), (pad, pad), dimension_numbers=NHWC, transpose_kernel=True
+        )
+
+    _compare(lambda x, kernel: layers.conv_transpose_fast(x, kernel, s, p, op), reference, x, kernel)
+
+
+def test_instance_norm_vjp_matches_autodiff():
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 6, 5, 4)) * 3 + 1, jnp.float32)
+    x = x.at[1, :, :, 2].set(0.5)  # a constant channel: zero variance
+    g = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def plain(x):
+        mean = jnp.mean(x, axis=(1, 2), keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=(1, 2), keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5)
+
+    y, vjp = jax.vjp(layers.instance_norm, x)
+    y0, vjp0 = jax.vjp(plain, x)
+    assert _rel(y, y0) < 1e-6
+    assert _rel(vjp(g)[0], vjp0(g)[0]) < 1e-5
+    # second order (the aging trainer's R1 penalty differentiates a gradient through D's norms)
+    h = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(layers.instance_norm(x))))(x) ** 2))(x)
+    h0 = jax.grad(lambda x: jnp.sum(jax.grad(lambda x: jnp.sum(jnp.sin(plain(x))))(x) ** 2))(x)
+    assert _rel(h, h0) < 1e-4
+
+
+def test_fast_convs_are_differentiable_twice():
+    """Reverse over reverse through conv2d_fast (R1 penalties: the gradient of an input gradient)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((4, 4, 3, 4)) * 0.1, jnp.float32)
+
+    def penalty(conv, kernel):
+        grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel))))(x)
+        return jnp.sum(grad_x**2)
+
+    fast = jax.grad(penalty, argnums=1)(lambda x, k: layers.conv2d_fast(x, k, 2, 1), kernel)
+    ref = jax.grad(penalty, argnums=1)(
+        lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC),
+        kernel,
+    )
+    assert _rel(fast, ref) < 1e-5
