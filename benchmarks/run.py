@@ -13,7 +13,8 @@ Sections (each a table on stdout and a list in the JSON written to --out):
             student step + KD losses; PyTorch: no_grad teacher + literal dense relation loss) and the aging
             step (ganjax only: there is no PyTorch aging model). Achieved FLOP/s use the model FLOPs:
             2 x the convolution MACs of ganjax.models.costs x the passes a step runs (G: 3, D: 6, a frozen
-            teacher: 1), the same useful work for both frameworks; XLA's own count of the compiled step
+            teacher: 1), the same work for both frameworks (costs counts a transposed conv at every output
+            pixel, 4x its multiplies, so the U-Nets' are overstated); XLA's own count of the compiled step
             (cost_analysis "flops", which includes what the rewrites add or drop) is in the JSON.
   relation  the fused vs dense SRPKD relation loss, forward + backward w.r.t. the student
             (benchmarks/relation_loss.py): time, XLA's compiled temp and peak bytes, their dense / fused

@@ -109,7 +109,8 @@ def pix2pix_model_flops(gen, g_vars, disc, d_vars, size: int, batch: int, teache
 
     G: forward + input gradient + kernel gradient = 3 passes. D: three forwards (fake for D, real, fake
     for G), kernel gradients of the two D-loss forwards, the input gradient of the G-loss forward = 6.
-    A frozen teacher adds one forward.
+    A frozen teacher adds one forward. `costs` counts a transposed conv at every output pixel
+    (torchprofile's convention), stride^2 = 4x its multiplies: the U-Nets' FLOPs are overstated.
     """
     g = costs.count_macs(gen, g_vars, (batch, size, size, 3))
     d = costs.count_macs(disc, d_vars, (batch, size, size, 6))
