@@ -33,7 +33,7 @@ def compile_cache(tmp_path_factory):
     for name, value in zip(names, values, strict=True):
         jax.config.update(name, value)
     compilation_cache.reset_cache()
-    yield
+    yield values[0]
     for name, value in before.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
