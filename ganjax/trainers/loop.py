@@ -18,6 +18,10 @@ resumes. A second SIGINT interrupts at once (KeyboardInterrupt). In a multi-proc
 JAX's preemption service, which tells every process: all of them stop at the step orbax's
 `reached_preemption` names, so they save the same step (SIGINT is turned into such a notice there).
 
+Input: the next batch is read, decoded and put on the devices while the current step runs
+(`ganjax.prefetch`), so the loop never waits for the host between steps; no host sync inside the loop
+except the periodic actions.
+
 Resuming (`restore_latest`): the latest complete checkpoint; incomplete ones (a save killed half-way, a
 step folder without its state) are ignored and each is named in a warning.
 """
@@ -35,8 +39,11 @@ import jax
 from absl import logging
 from clu import periodic_actions
 
-from ganjax import checkpoint, sharding
+from ganjax import checkpoint, prefetch
 from ganjax.trainers import common
+
+# Batches sharded onto the devices ahead of the step that uses them (the one in use + 1 in flight).
+PREFETCH_BATCHES = 2
 
 # state -> {name: float} logged as eval/<name> ({} logs nothing)
 EvaluateFn = Callable[[Any], Mapping[str, float]]
@@ -188,12 +195,14 @@ def train_loop(
     # Exit order: wait for the last save, close the writers and the data workers (each even if another
     # fails), then put the previous signal handlers back.
     with StopSignals() as stop, contextlib.ExitStack() as cleanup:
-        cleanup.callback(common.close_iterator, train_iter)
+        # The next batches are read and sent to the devices while the current step runs; checkpoints
+        # record the position of the first batch not yet consumed (ganjax/prefetch.py).
+        batches = prefetch.prefetch_to_device(train_iter, mesh, size=PREFETCH_BATCHES)
+        cleanup.callback(batches.close)  # closes train_iter too
         cleanup.callback(writer.close)
         cleanup.callback(ckpt.close)
         while step < num_steps:
-            batch = sharding.shard_batch(next(train_iter), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, next(batches))
             step += 1
             history.append(step, metrics)
             report(step)
@@ -214,7 +223,7 @@ def train_loop(
                 write_samples(state, step)
             if step % config.checkpoint.every_steps == 0 or last or stopping:
                 history.fetch_checked(ckpt)
-                ckpt.save(step, state, train_iter.get_state())
+                ckpt.save(step, state, batches.get_state())
             if stopping:
                 logging.warning(
                     "Stopped at step %d of %d (%s): checkpoint saved in %s. Run the same command "
