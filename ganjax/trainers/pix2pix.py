@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from clu import parameter_overview
 
 from ganjax import sharding, visualize
 from ganjax.data import translation_pipeline
@@ -315,47 +314,24 @@ def train(config, workdir: str) -> Pix2PixState:
     )
     evaluator = Pix2PixEvaluator(config, gen, mesh)
 
-    # ---- State: workdir checkpoint > init_from > teacher's D (distillation) > fresh ---------------
-    state = jax.jit(init, out_shardings=state_sharding)(tc.init_key(config.seed))
-    parameter_overview.log_parameter_overview(state.g_params, msg="generator")
-    parameter_overview.log_parameter_overview(state.d_params, msg="discriminator")
-    teacher, teacher_variables = None, {}
-    if distillation.is_distillation(config):
-        teacher, teacher_variables = (
-            distillation.make_teacher(config),
-            distillation.load_teacher(config, mesh, None),
-        )
-        distillation.log_model_costs(writer, config, teacher_variables, state.g_params)
-    ckpt = loop.open_checkpointer(config, workdir)
-    state, resumed = loop.restore_latest(ckpt, state, train_iter)
-    if not resumed:
-        state = tc.apply_init_from(config, distillation.init_discriminators_from_teacher(config, state))
-
-    # ---- Compiled step -------------------------------------------------------------------------
-    step_fn = jax.jit(
-        functools.partial(
-            train_step,
+    return tc.train_translation(
+        config,
+        workdir,
+        mesh=mesh,
+        init=init,
+        state_sharding=state_sharding,
+        writer=writer,
+        train_iter=train_iter,
+        train_step=train_step,
+        step_kwargs=dict(
             gen=gen,
             disc=disc,
-            teacher=teacher,
             g_tx=tx,
             d_tx=tx,
             schedule=schedule,
             settings=StepSettings.from_config(config),
         ),
-        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-        out_shardings=(state_sharding, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-
-    return loop.train_loop(
-        config,
-        state=state,
-        step_fn=lambda state, batch: step_fn(state, batch, teacher_variables),
-        train_iter=train_iter,
-        mesh=mesh,
-        ckpt=ckpt,
-        writer=writer,
+        teacher_generators=None,
         evaluate=evaluator.metrics,
         write_samples=lambda state, step: _write_samples(
             writer, evaluator, state, step, workdir, "translation"

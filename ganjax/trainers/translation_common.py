@@ -1,5 +1,5 @@
 """Pieces shared by the image-to-image trainers (pix2pix, CycleGAN): config checks, networks, optimizer,
-test sets and sample grids.
+the training run after the data (state, frozen teacher, compiled step, loop), test sets and sample grids.
 
 Config blocks read here (documented knob by knob in configs/pix2pix_cityscapes.py and
 configs/cyclegan_horse2zebra.py):
@@ -15,12 +15,15 @@ configs/cyclegan_horse2zebra.py):
 from __future__ import annotations
 
 import copy
+import functools
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import numpy as np
 import optax
 from absl import logging
+from clu import parameter_overview
 
 from ganjax import sharding
 from ganjax.data import translation_pipeline
@@ -29,7 +32,7 @@ from ganjax.evaluation.translation_in_loop import TestSet
 from ganjax.models.discriminators import PatchDiscriminator
 from ganjax.models.generators import GENERATOR_ARCHS, build_generator
 from ganjax.models.layers import CONV_IMPLS, NORMS
-from ganjax.trainers import common
+from ganjax.trainers import common, distillation, loop
 from ganjax.trainers.common import check_choice, check_positive, require
 
 # How many times a generator halves the image: the crop size must be a multiple of 2**this.
@@ -184,6 +187,64 @@ def apply_init_from(config, state):
             state = state.replace(**common.restore_subtrees(path, targets, f"init_from.{key}"))
             logging.info("Initialised the %s from %s.", key, path)
     return state
+
+
+# ---- Training, after the data ---------------------------------------------------------------
+
+
+def train_translation(
+    config,
+    workdir: str,
+    *,
+    mesh,
+    init: Callable,
+    state_sharding,
+    writer,
+    train_iter,
+    train_step: Callable,
+    step_kwargs: dict,
+    teacher_generators: tuple[str, ...] | None,
+    evaluate: Callable,
+    write_samples: Callable,
+):
+    """The part of pix2pix and CycleGAN training that follows the data: builds the state (workdir checkpoint
+    > init_from > the teacher's discriminators when distilling > fresh), loads the frozen teacher when
+    distilling (`teacher_generators`: its generator names, None for pix2pix's single one), compiles
+    `train_step(state, batch, teacher_variables, **step_kwargs, teacher=...)` and runs the loop.
+
+    The teacher's variables are an input of the jitted step: not differentiated, not donated, never
+    checkpointed. Returns the final state.
+    """
+    state = jax.jit(init, out_shardings=state_sharding)(init_key(config.seed))
+    parameter_overview.log_parameter_overview(state.g_params, msg="generator(s)")
+    parameter_overview.log_parameter_overview(state.d_params, msg="discriminator(s)")
+    teacher, teacher_variables = None, {}
+    if distillation.is_distillation(config):
+        teacher = distillation.make_teacher(config)
+        teacher_variables = distillation.load_teacher(config, mesh, teacher_generators)
+        distillation.log_model_costs(writer, config, teacher_variables, state.g_params)
+    ckpt = loop.open_checkpointer(config, workdir)
+    state, resumed = loop.restore_latest(ckpt, state, train_iter)
+    if not resumed:
+        state = apply_init_from(config, distillation.init_discriminators_from_teacher(config, state))
+
+    step_fn = jax.jit(
+        functools.partial(train_step, teacher=teacher, **step_kwargs),
+        in_shardings=(state_sharding, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
+        out_shardings=(state_sharding, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+    return loop.train_loop(
+        config,
+        state=state,
+        step_fn=lambda state, batch: step_fn(state, batch, teacher_variables),
+        train_iter=train_iter,
+        mesh=mesh,
+        ckpt=ckpt,
+        writer=writer,
+        evaluate=evaluate,
+        write_samples=write_samples,
+    )
 
 
 # ---- Test sets, batching -----------------------------------------------------------------------
