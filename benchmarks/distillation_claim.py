@@ -74,15 +74,10 @@ def make_config(kind: str, condition: str, *, teacher: str, student: int, steps:
 
 def final_eval(workdir: str, steps: int) -> dict[str, float] | None:
     """The eval/ scalars logged at the last step, or None when the run has not finished."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f]
-    scores = {}
-    for record in records:
-        if record.get("step") == steps:
-            scores.update({k.removeprefix("eval/"): v for k, v in record.items() if k.startswith("eval/")})
+    logged = common.read_metrics(workdir).get(steps, {})
+    scores = {k.removeprefix("eval/"): v for k, v in logged.items() if k.startswith("eval/")}
     return scores or None
 
 

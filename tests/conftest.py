@@ -37,3 +37,9 @@ def compile_cache(tmp_path_factory):
     for name, value in before.items():
         jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A TFDS data dir per test module: built-in datasets are built there on first use."""
+    return str(tmp_path_factory.mktemp("tfds"))

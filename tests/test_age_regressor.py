@@ -14,11 +14,7 @@ from ganjax.data import pipeline
 from ganjax.evaluation import age_accuracy
 from ganjax.models.age_regressor import AgeRegressor
 from ganjax.trainers import age_regressor, common
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
+from ganjax.trainers.common import read_metrics
 
 
 def smoke_config(data_dir):
@@ -32,15 +28,6 @@ def regressor_run(data_dir, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("regressor"))
     main.run(smoke_config(data_dir), workdir)
     return workdir
-
-
-def read_metrics(workdir):
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            merged.setdefault(record.pop("step"), {}).update(record)
-    return merged
 
 
 def hand_mae(params, config, eval_set):

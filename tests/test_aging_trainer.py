@@ -4,51 +4,28 @@ Exact resumption, NaN stops and stop signals are tested for every trainer in tes
 """
 
 import glob
-import json
 import logging
 import os
 
 import jax
 import numpy as np
 import pytest
+import run_helpers
 
 from configs import aging_utkface
 from ganjax import checkpoint, main
 from ganjax.trainers import aging, common
+from ganjax.trainers.common import read_metrics
 
 LOSS_KEYS = ("g_total", "d_total", "estimator", "adversarial", "age", "reconstruction")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def smoke_config(data_dir, **overrides):
-    config = aging_utkface.get_config("smoke")
-    config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
-
-
-def read_metrics(workdir):
-    """step -> merged scalars from metrics.jsonl."""
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            merged.setdefault(record.pop("step"), {}).update(record)
-    return merged
+    return run_helpers.smoke_config(aging_utkface, data_dir, **overrides)
 
 
 def losses_by_step(workdir):
-    return {
-        step: [values[k] for k in LOSS_KEYS]
-        for step, values in read_metrics(workdir).items()
-        if "g_total" in values
-    }
+    return run_helpers.losses_by_step(workdir, LOSS_KEYS)
 
 
 def test_smoke_run_writes_everything_and_compiles_the_step_once(data_dir, tmp_path, caplog):

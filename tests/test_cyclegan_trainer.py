@@ -8,23 +8,32 @@ run restores the pools exactly.
 
 import collections
 import glob
-import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_helpers
 
 from configs import cyclegan_horse2zebra
 from ganjax import checkpoint, main
 from ganjax.trainers import common, cyclegan
 from ganjax.trainers import translation_common as tc
+from ganjax.trainers.common import read_metrics
 from ganjax.trainers.cyclegan import ImagePool, query_pool
 
 LOSS_KEYS = ("g_total", "d_total", "g_a", "g_b", "cycle_a", "cycle_b", "idt_a", "idt_b", "d_a", "d_b")
 SCORES = ("gt_l1", "copy_l1", "pixel_accuracy", "mean_class_accuracy", "mean_iou")
 EVAL_KEYS = {f"{d}/{k}" for d in ("AtoB", "BtoA") for k in SCORES}
+
+
+def smoke_config(data_dir, **overrides):
+    return run_helpers.smoke_config(cyclegan_horse2zebra, data_dir, **overrides)
+
+
+def losses_by_step(workdir):
+    return run_helpers.losses_by_step(workdir, LOSS_KEYS)
 
 
 # ---- The image pool ------------------------------------------------------------------------------
@@ -95,38 +104,6 @@ def test_pool_of_size_zero_passes_images_through():
 
 
 # ---- The trainer -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def smoke_config(data_dir, **overrides):
-    config = cyclegan_horse2zebra.get_config("smoke")
-    config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
-
-
-def read_metrics(workdir):
-    """step -> merged scalars from metrics.jsonl."""
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            merged.setdefault(record.pop("step"), {}).update(record)
-    return merged
-
-
-def losses_by_step(workdir):
-    return {
-        step: [values[k] for k in LOSS_KEYS]
-        for step, values in read_metrics(workdir).items()
-        if "g_total" in values
-    }
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ teacher trained, and skipping the teacher's training keeps this module fast.
 
 import dataclasses
 import functools
-import json
 import os
 
 import jax
@@ -25,24 +24,11 @@ from ganjax import checkpoint, main, sharding
 from ganjax.models import costs
 from ganjax.trainers import common, cyclegan, distillation, pix2pix
 from ganjax.trainers import translation_common as tc
+from ganjax.trainers.common import read_metrics
 
 DISTILL_CONFIGS = {"pix2pix": distill_pix2pix_cityscapes, "cyclegan": distill_cyclegan_horse2zebra}
 TEACHER_CONFIGS = {"pix2pix": pix2pix_cityscapes, "cyclegan": cyclegan_horse2zebra}
 TRAINERS = {"pix2pix": pix2pix, "cyclegan": cyclegan}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
-def read_metrics(workdir):
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            merged.setdefault(record.pop("step"), {}).update(record)
-    return merged
 
 
 def fresh_state(kind, config, workdir, seed=0):

@@ -27,11 +27,6 @@ from ganjax.trainers import aging, common, loop, pix2pix
 from ganjax.trainers import translation_common as tc
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def aging_config(data_dir, **eval_keys):
     config = aging_utkface.get_config("smoke")
     config.data.data_dir = data_dir

@@ -7,53 +7,30 @@ trainer in tests/test_reliability.py.
 """
 
 import glob
-import json
 import logging
 import os
 
 import jax
 import numpy as np
 import pytest
+import run_helpers
 
 from configs import pix2pix_cityscapes
 from ganjax import checkpoint, main, sharding
 from ganjax.trainers import common, pix2pix
 from ganjax.trainers import translation_common as tc
+from ganjax.trainers.common import read_metrics
 
 LOSS_KEYS = ("g_total", "d_total", "g_adversarial", "g_l1", "d_real_logit", "d_fake_logit")
 EVAL_KEYS = {"gt_l1", "copy_l1", "pixel_accuracy", "mean_class_accuracy", "mean_iou"}
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def smoke_config(data_dir, **overrides):
-    config = pix2pix_cityscapes.get_config("smoke")
-    config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        config[section][name] = value
-    return config
-
-
-def read_metrics(workdir):
-    """step -> merged scalars from metrics.jsonl."""
-    merged = {}
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            record = json.loads(line)
-            merged.setdefault(record.pop("step"), {}).update(record)
-    return merged
+    return run_helpers.smoke_config(pix2pix_cityscapes, data_dir, **overrides)
 
 
 def losses_by_step(workdir):
-    return {
-        step: [values[k] for k in LOSS_KEYS]
-        for step, values in read_metrics(workdir).items()
-        if "g_total" in values
-    }
+    return run_helpers.losses_by_step(workdir, LOSS_KEYS)
 
 
 class _Compiles(logging.Handler):

@@ -32,6 +32,7 @@ from configs import (
 from ganjax import checkpoint, main, sharding
 from ganjax.trainers import common, cyclegan, loop, pix2pix
 from ganjax.trainers import translation_common as tc
+from ganjax.trainers.common import read_metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
@@ -54,11 +55,6 @@ PROGRESS_KEYS = ("steps_per_sec", "uptime")  # clu's ReportProgress: wall-clock,
 
 
 # ---- Shared runs -------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="module")
@@ -114,18 +110,6 @@ def make_config(kind, data_dir, teachers=None, *, single_device=True, **override
         section, name = key.split("__")
         config[section][name] = value
     return config
-
-
-def read_metrics(workdir, *, merge=True):
-    """step -> merged scalars from metrics.jsonl (merge=False: the records as written)."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        records = [json.loads(line) for line in f]
-    if not merge:
-        return records
-    merged = {}
-    for record in records:
-        merged.setdefault(record.pop("step"), {}).update(record)
-    return merged
 
 
 def logged(values):

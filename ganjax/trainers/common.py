@@ -264,6 +264,19 @@ class JsonlWriter(metric_writers.MetricWriter):
             self._file.close()
 
 
+def read_metrics(workdir: str, *, merge: bool = True):
+    """The scalars a run appended to WORKDIR/metrics.jsonl: {step: {name: value}} with every write of a
+    step merged (merge=False: the records as written, in order, each with its "step")."""
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    if not merge:
+        return records
+    merged: dict[int, dict[str, float]] = {}
+    for record in records:
+        merged.setdefault(record.pop("step"), {}).update(record)
+    return merged
+
+
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
     """TensorBoard + logging + metrics.jsonl on process 0; logging only on the other processes."""
     if jax.process_index() != 0:
