@@ -1,14 +1,16 @@
 """Fused vs dense SRPKD relation loss: forward+backward time, compile time, compiled memory, accuracy.
 
-    python -m benchmarks.relation_loss [--sizes 1024,4096,16384] [--out results.json]
+    python -m benchmarks.relation_loss [--sizes 1024,4096,16384] [--chunk_sizes 128,512] [--out results.json]
 
 For each N (= H * W, square maps where possible) and each method this jits
 ``value_and_grad(relation_loss)`` (gradient w.r.t. the student, as in distillation with a frozen teacher;
 ``--grad both`` adds the teacher), reports the compile time separately, then the median (and min) of
 ``--repeats`` timed runs after ``--warmup`` untimed ones, plus XLA's compiled memory analysis (temp, output,
 argument bytes). Dense forms two N x N matrices and their cotangents; it is skipped (with a note) when its
-compiled footprint would exceed ``--max_dense_bytes``. Accuracy columns compare the float32 loss and gradient
-of each method to the fused loss evaluated in float64 (``--no_accuracy`` skips them).
+compiled footprint would exceed ``--max_dense_bytes``. The fused method runs row-chunked with
+``relation.DEFAULT_CHUNK_SIZE`` rows per chunk; ``--chunk_sizes`` adds rows ``fused@C`` for other chunk sizes
+(its temporary memory is O(chunk * D + D^2), independent of N). Accuracy columns compare the float32 loss and
+gradient of each method to the fused loss evaluated in float64 (``--no_accuracy`` skips them).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ganjax.losses.relation import RELATION_METHODS, RELATION_NORMS, relation_loss
+from ganjax.losses.relation import DEFAULT_CHUNK_SIZE, RELATION_METHODS, RELATION_NORMS, relation_loss
 
 
 def _spatial(n):
@@ -85,15 +87,21 @@ def _expanded_loss(teacher, student, normalize="row", eps=1e-12):
     return jnp.mean(jnp.sum(per_row, axis=-1)) / (n * n)
 
 
-def _run_one(n, method, args, teacher, student, reference):
+def _run_one(n, method, args, teacher, student, reference, chunk_size=None):
     argnums = (0, 1) if args.grad == "both" else (1,)
-    loss = (
-        functools.partial(_expanded_loss, normalize=args.normalize)
-        if method == "expanded"
-        else functools.partial(relation_loss, normalize=args.normalize, method=method)
-    )
+    if method == "expanded":
+        loss = functools.partial(_expanded_loss, normalize=args.normalize)
+    elif method == "fused":
+        chunk_size = chunk_size or DEFAULT_CHUNK_SIZE
+        loss = functools.partial(
+            relation_loss, normalize=args.normalize, method=method, chunk_size=chunk_size
+        )
+    else:
+        loss = functools.partial(relation_loss, normalize=args.normalize, method=method)
     fn = jax.jit(jax.value_and_grad(loss, argnums=argnums))
-    row = {"n": n, "method": method}
+    row = {"n": n, "method": method if chunk_size in (None, DEFAULT_CHUNK_SIZE) else f"fused@{chunk_size}"}
+    if method == "fused":
+        row["chunk_size"] = chunk_size
     t0 = time.perf_counter()
     compiled = fn.lower(teacher, student).compile()
     row["compile_s"] = time.perf_counter() - t0
@@ -155,11 +163,13 @@ def measure(
     repeats=5,
     max_dense_bytes=8 * 2**30,
     accuracy=True,
+    chunk_sizes=(),
 ) -> list[dict]:
     """Benchmark rows (dicts, one per N and method) as `main` prints them; `main`'s flags as arguments.
 
-    A fused row at an N where dense also ran gets "dense_over_fused_time" and "dense_over_fused_temp" /
-    "dense_over_fused_peak" (ratios of compiled temp and peak bytes).
+    A fused row (method "fused" at the default chunk size, "fused@C" for each other of ``chunk_sizes`` when
+    "fused" is among ``methods``) at an N where dense also ran gets "dense_over_fused_time" and
+    "dense_over_fused_temp" / "dense_over_fused_peak" (ratios of compiled temp and peak bytes).
     """
     args = argparse.Namespace(
         batch=batch,
@@ -179,22 +189,28 @@ def measure(
             student = _close_student(2 * n + 1, teacher, student_channels, close)
         teacher, student = teacher.astype(np.float32), student.astype(np.float32)
         reference = _reference(args, teacher, student) if accuracy else None
-        by_method = {
-            m: _run_one(n, m, args, jnp.asarray(teacher), jnp.asarray(student), reference) for m in methods
-        }
-        f, d = by_method.get("fused", {}), by_method.get("dense", {})
-        if "median_s" in f and "median_s" in d:
-            f["dense_over_fused_time"] = d["median_s"] / f["median_s"]
-            f["loss_rel_diff_vs_dense"] = abs(f["loss"] - d["loss"]) / abs(d["loss"])
-            f["grad_rel_diff_vs_dense"] = max(
-                _rel(x, y) for x, y in zip(f["_grads"], d["_grads"], strict=True)
-            )
-        for key in ("temp", "peak"):
-            if f.get(f"{key}_bytes") and d.get(f"{key}_bytes"):
-                f[f"dense_over_fused_{key}"] = d[f"{key}_bytes"] / f[f"{key}_bytes"]
-        for m in methods:
-            by_method[m].pop("_grads", None)
-            rows.append(by_method[m])
+        tj, sj = jnp.asarray(teacher), jnp.asarray(student)
+        by_method = {m: _run_one(n, m, args, tj, sj, reference) for m in methods}
+        if "fused" in methods:
+            for c in chunk_sizes:
+                if c != DEFAULT_CHUNK_SIZE:
+                    by_method[f"fused@{c}"] = _run_one(n, "fused", args, tj, sj, reference, chunk_size=c)
+        d = by_method.get("dense", {})
+        for label, f in by_method.items():
+            if not label.startswith("fused"):
+                continue
+            if "median_s" in f and "median_s" in d:
+                f["dense_over_fused_time"] = d["median_s"] / f["median_s"]
+                f["loss_rel_diff_vs_dense"] = abs(f["loss"] - d["loss"]) / abs(d["loss"])
+                f["grad_rel_diff_vs_dense"] = max(
+                    _rel(x, y) for x, y in zip(f["_grads"], d["_grads"], strict=True)
+                )
+            for key in ("temp", "peak"):
+                if f.get(f"{key}_bytes") and d.get(f"{key}_bytes"):
+                    f[f"dense_over_fused_{key}"] = d[f"{key}_bytes"] / f[f"{key}_bytes"]
+        for row in by_method.values():
+            row.pop("_grads", None)
+            rows.append(row)
     return rows
 
 
@@ -211,6 +227,12 @@ def main(argv=None):
         "--methods",
         default=",".join(RELATION_METHODS),
         help='comma-separated; "expanded" adds the paper\'s expanded identity (not in ganjax; "row" only)',
+    )
+    parser.add_argument(
+        "--chunk_sizes",
+        default="",
+        help=f"comma-separated extra chunk sizes of the fused method (its default, {DEFAULT_CHUNK_SIZE}, "
+        "always runs)",
     )
     parser.add_argument("--grad", default="student", choices=("student", "both"))
     parser.add_argument(
@@ -230,6 +252,7 @@ def main(argv=None):
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
+    chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
     for m in methods:
         if m not in (*RELATION_METHODS, "expanded") or (m == "expanded" and args.normalize != "row"):
             parser.error(f'unknown method {m!r} ("expanded" needs --normalize row)')
@@ -254,10 +277,11 @@ def main(argv=None):
     )
     print(
         f"B={args.batch} C_T={args.teacher_channels} C_S={args.student_channels} normalize={args.normalize} "
-        f"grad={args.grad}; median of {args.repeats} after {args.warmup} warm-up"
+        f"grad={args.grad}; median of {args.repeats} after {args.warmup} warm-up; fused chunk size "
+        f"{DEFAULT_CHUNK_SIZE} unless fused@C"
     )
     header = (
-        f"{'N':>6} {'method':>8} {'compile s':>9} {'median s':>9} {'min s':>8} {'temp':>10} {'peak':>10} "
+        f"{'N':>6} {'method':>10} {'compile s':>9} {'median s':>9} {'min s':>8} {'temp':>10} {'peak':>10} "
         f"{'loss err':>8} {'grad err':>8}  {'fused vs dense':>14}"
     )
     print(header)
@@ -275,11 +299,12 @@ def main(argv=None):
         repeats=args.repeats,
         max_dense_bytes=args.max_dense_bytes,
         accuracy=not args.no_accuracy,
+        chunk_sizes=chunk_sizes,
     ):
         results["rows"].append(row)
         n, method = row["n"], row["method"]
         if "skipped" in row:
-            print(f"{n:>6} {method:>8} {row['compile_s']:>9.2f} {'skipped: ' + row['skipped']}")
+            print(f"{n:>6} {method:>10} {row['compile_s']:>9.2f} {'skipped: ' + row['skipped']}")
             continue
         err = (
             f"{row['loss_rel_err_vs_f64']:>8.1e} {row['grad_rel_err_vs_f64']:>8.1e}"
@@ -290,17 +315,21 @@ def main(argv=None):
         if "loss_rel_diff_vs_dense" in row:
             cmp = (
                 f"  {row['loss_rel_diff_vs_dense']:.1e}/{row['grad_rel_diff_vs_dense']:.1e}"
-                f" (dense/fused time {row['dense_over_fused_time']:.2g})"
+                f" (dense/fused time {row['dense_over_fused_time']:.3g}"
             )
+            for key in ("temp", "peak"):
+                if f"dense_over_fused_{key}" in row:
+                    cmp += f", {key} {row[f'dense_over_fused_{key}']:.3g}"
+            cmp += ")"
         print(
-            f"{n:>6} {method:>8} {row['compile_s']:>9.2f} {row['median_s']:>9.4f} {row['min_s']:>8.4f} "
+            f"{n:>6} {method:>10} {row['compile_s']:>9.2f} {row['median_s']:>9.4f} {row['min_s']:>8.4f} "
             f"{_fmt_bytes(row.get('temp_bytes')):>10} {_fmt_bytes(row.get('peak_bytes')):>10} {err}{cmp}"
         )
         sys.stdout.flush()
     print(
         "temp/peak: XLA compiled memory analysis (peak = temp + output + arguments); errors: max relative "
         "error of the float32 loss / gradient vs the float64 loss; fused vs dense: value/grad relative "
-        "difference."
+        "difference, and dense / fused ratios of time, temp and peak bytes."
     )
     if hasattr(os, "getloadavg"):
         results["machine"]["load_average_at_end"] = list(os.getloadavg())
