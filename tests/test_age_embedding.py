@@ -70,3 +70,12 @@ def test_target_embedding_swaps_the_current_basis_for_the_target_one():
     np.testing.assert_allclose(
         target_embedding(e, w, current, target)[0], e[0] - w[:, 2] + w[:, 8], rtol=1e-5
     )
+
+
+def test_basis_scale_lengthens_the_aging_step_and_keeps_reconstruction():
+    w, e = kernel(), normal(2, (3, C))
+    current, target = jnp.array([2.0, 4.5, 6.0]), jnp.array([8.0, 1.0, 6.0])
+    step = target_embedding(e, w, current, target) - e
+    scaled = target_embedding(e, w, current, target, basis_scale=10.0)
+    np.testing.assert_allclose(scaled - e, 10.0 * step, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(scaled[2], e[2])  # target == current: exactly e

@@ -48,7 +48,7 @@ def test_smoke_run_writes_everything_and_compiles_the_step_once(data_dir, tmp_pa
 
     # eval mode restores the latest checkpoint and reports the same metric names.
     eval_metrics = main.run(config, workdir, mode="eval")
-    assert set(eval_metrics) == {"age_mae", "gt_l1", "copy_l1", "gt_l1_ratio"}
+    assert set(eval_metrics) == {"age_mae", "gt_l1", "copy_l1", "gt_l1_ratio", "aged_age_mae"}
 
 
 def test_one_device_and_eight_devices_give_the_same_losses(data_dir, tmp_path):

@@ -4,7 +4,10 @@
 - On synthetic data, where every held-out identity is rendered at several known ages, the model ages
   each face x(identity, a) to every other test age b and is compared with the true render x(identity, b):
   `gt_l1` = mean |G(x_a, b) - x_b|, next to the copy baseline `copy_l1` = mean |x_a - x_b| (what a model
-  that changes nothing scores) and their ratio `gt_l1_ratio` (< 1 means the aging is real).
+  that changes nothing scores) and their ratio `gt_l1_ratio` (< 1 means the aging is real);
+  `aged_age_mae`: the embedded estimator's mean |estimate(G(x_a, b)) - b|, how well the generator
+  satisfies its own age judge (low here with a high `gt_l1_ratio` means it fools the judge without
+  aging the face).
 
 Images are float32 (N, H, W, 3) in [-1, 1]; ages float32 (N,).
 """
@@ -67,5 +70,8 @@ def evaluate(
     aged = batched(age_faces, (images[src], ages[dst], current), batch_size)
     gt_l1 = float(np.mean(np.abs(aged - images[dst])))
     copy_l1 = float(np.mean(np.abs(images[src] - images[dst])))
-    metrics.update(gt_l1=gt_l1, copy_l1=copy_l1, gt_l1_ratio=gt_l1 / max(copy_l1, 1e-12))
+    aged_age_mae = float(np.mean(np.abs(batched(estimate_age, (aged,), batch_size) - ages[dst])))
+    metrics.update(
+        gt_l1=gt_l1, copy_l1=copy_l1, gt_l1_ratio=gt_l1 / max(copy_l1, 1e-12), aged_age_mae=aged_age_mae
+    )
     return metrics

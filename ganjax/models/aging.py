@@ -263,6 +263,7 @@ class AgingGenerator(nn.Module):
       output: "image" (the decoder draws the whole face) or "residual" (it draws a change that is
         added to the input face; see `decode`).
       replace_feature_mean: the decoder sees F - GAP(F) + e_t instead of F (see `decode`).
+      basis_scale: s in e_t = e + s (a(target) - a(current)) (`age_embedding.target_embedding`).
       dtype: compute dtype of the convolutions; parameters are float32, and the embedding, logits,
         estimated ages and output images are float32.
 
@@ -278,6 +279,7 @@ class AgingGenerator(nn.Module):
     normalize_basis: bool = False
     output: str = "image"
     replace_feature_mean: bool = True
+    basis_scale: float = 1.0
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -367,6 +369,7 @@ class AgingGenerator(nn.Module):
             current_ages,
             target_ages,
             normalize=self.normalize_basis,
+            basis_scale=self.basis_scale,
         )
         return {
             "features": features,

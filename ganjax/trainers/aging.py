@@ -119,6 +119,7 @@ def validate_config(config) -> None:
     check_choice("loss.adversarial", config.loss.adversarial, adversarial.ADVERSARIAL_LOSSES)
     check_choice("disc.norm", config.disc.norm, ("instance",))
     common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
+    check_positive("aging.basis_scale", config.aging.get("basis_scale", 1.0))
     require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
     require(
         0 <= data.age_min < data.age_max <= model.num_ages - 1,
@@ -166,6 +167,7 @@ def build_models(config) -> tuple[AgingGenerator, PatchDiscriminator]:
         normalize_basis=config.aging.basis == "normalized",
         output=config.model.output,
         replace_feature_mean=config.aging.replace_feature_mean,
+        basis_scale=config.aging.get("basis_scale", 1.0),  # runs from before the knob: 1
         dtype=common.compute_dtype(config),
     )
     disc = PatchDiscriminator(
