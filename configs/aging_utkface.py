@@ -91,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     train.batch_size = 32  # global batch; a multiple of data x fsdp (see config.mesh)
     train.g_learning_rate = 2e-4
     train.d_learning_rate = 2e-4
+    train.decay_steps = 0  # the last decay_steps updates decay both rates linearly towards 0
     train.b1 = 0.5
     train.b2 = 0.999
     train.ema_decay = 0.999  # generator EMA used for samples and evaluation (0 disables)

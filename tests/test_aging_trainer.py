@@ -72,6 +72,8 @@ def test_one_device_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
         ("aging__conditioning", "film", "aging.conditioning"),
         ("data__size", 30, "data.size"),
         ("train__g_learning_rate", -1.0, "train.g_learning_rate"),
+        ("train__decay_steps", 7, "train.decay_steps"),
+        ("aging__basis_scale", 0.0, "aging.basis_scale"),
     ],
 )
 def test_bad_configs_fail_early_with_the_key_named(data_dir, key, value, message):
@@ -92,3 +94,17 @@ def test_checkpoint_from_another_model_names_the_parameter(data_dir, tmp_path):
     wider = smoke_config(data_dir, train__num_steps=2, model__base_features=16)
     with pytest.raises(checkpoint.CheckpointShapeError, match="has shape"):
         main.run(wider, workdir)
+
+
+def test_learning_rates_decay_linearly_over_the_last_decay_steps(data_dir):
+    config = smoke_config(data_dir, train__num_steps=10, train__decay_steps=4)
+    g_tx, _ = aging.build_optimizers(config)
+    params = {"w": np.ones(3, np.float32)}
+    state = g_tx.init(params)
+    sizes = []
+    for _ in range(10):  # Adam's first steps have |update| = rate for a constant gradient
+        updates, state = g_tx.update({"w": np.ones(3, np.float32)}, state, params)
+        sizes.append(float(np.abs(updates["w"][0])))
+    rate = config.train.g_learning_rate
+    np.testing.assert_allclose(sizes[:6], rate, rtol=1e-4)
+    np.testing.assert_allclose(sizes[6:], rate * np.array([4, 3, 2, 1]) / 5, rtol=1e-4)

@@ -141,6 +141,11 @@ def validate_config(config) -> None:
             check_positive(f"loss.{key}", value, allow_zero=True)
     for key in ("num_steps", "batch_size", "g_learning_rate", "d_learning_rate"):
         check_positive(f"train.{key}", train[key])
+    require(
+        0 <= train.get("decay_steps", 0) <= train.num_steps,
+        f"config.train.decay_steps = {train.get('decay_steps', 0)} must be in [0, train.num_steps = "
+        f"{train.num_steps}] (the last decay_steps updates decay the learning rates linearly).",
+    )
     require(0 <= train.ema_decay < 1, f"config.train.ema_decay = {train.ema_decay} not in [0, 1).")
     for key in ("log.every_steps", "log.sample_every_steps", "eval.every_steps"):
         section, name = key.split(".")
@@ -181,10 +186,17 @@ def build_models(config) -> tuple[AgingGenerator, PatchDiscriminator]:
 
 
 def build_optimizers(config) -> tuple[optax.GradientTransformation, optax.GradientTransformation]:
+    """Adam for G and D; constant rates, decayed linearly over the last train.decay_steps updates."""
     train = config.train
-    g_tx = optax.adam(train.g_learning_rate, b1=train.b1, b2=train.b2)
-    d_tx = optax.adam(train.d_learning_rate, b1=train.b1, b2=train.b2)
-    return g_tx, d_tx
+    decay_steps = train.get("decay_steps", 0)  # runs from before the knob: no decay
+
+    def adam(rate):
+        # A plain float keeps the optimizer state of constant-rate runs (no schedule count): their
+        # checkpoints restore as before.
+        schedule = common.linear_decay_schedule(rate, train.num_steps, decay_steps) if decay_steps else rate
+        return optax.adam(schedule, b1=train.b1, b2=train.b2)
+
+    return adam(train.g_learning_rate), adam(train.d_learning_rate)
 
 
 def init_state(rng, *, model, disc, g_tx, d_tx, image_size: int, num_ages: int) -> AgingState:
