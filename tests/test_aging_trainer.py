@@ -108,3 +108,14 @@ def test_learning_rates_decay_linearly_over_the_last_decay_steps(data_dir):
     rate = config.train.g_learning_rate
     np.testing.assert_allclose(sizes[:6], rate, rtol=1e-4)
     np.testing.assert_allclose(sizes[6:], rate * np.array([4, 3, 2, 1]) / 5, rtol=1e-4)
+
+
+def test_progression_rows_alternate_young_and_old_faces_of_distinct_identities():
+    ages = np.tile(np.array([5, 15, 25, 35, 45, 55, 65, 75, 85], np.float32), 4)
+    identity = np.repeat(np.arange(4), 9)
+    picks = aging.pick_sample_faces({"identity": identity, "age": ages}, 4)
+    assert list(identity[picks]) == [0, 1, 2, 3]
+    assert list(ages[picks]) == [25, 75, 25, 75]
+    # Real data (no identities): the first faces.
+    unknown = {"identity": np.full(10, -1), "age": np.arange(10, dtype=np.float32)}
+    assert list(aging.pick_sample_faces(unknown, 3)) == [0, 1, 2]

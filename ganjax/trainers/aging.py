@@ -342,15 +342,18 @@ def make_eval_fns(model: AgingGenerator, mesh):
 
 
 def pick_sample_faces(eval_set: dict[str, np.ndarray], count: int) -> np.ndarray:
-    """Indices of `count` held-out faces: one per identity (its median test age) when known."""
+    """Indices of `count` held-out faces, one per identity when identities are known: alternately a young
+    and an old rendering of it (the test ages' 25th and 85th percentiles), so that every progression grid
+    shows aging and rejuvenation."""
     identity = eval_set["identity"]
     if np.all(identity < 0):
         return np.arange(min(count, len(identity)))
     picks = []
-    for ident in np.unique(identity)[:count]:
+    for row, ident in enumerate(np.unique(identity)[:count]):
         members = np.flatnonzero(identity == ident)
         order = np.argsort(eval_set["age"][members], kind="stable")
-        picks.append(members[order[len(order) // 2]])
+        quantile = 0.25 if row % 2 == 0 else 0.85
+        picks.append(members[order[int(quantile * (len(order) - 1) + 0.5)]])
     return np.asarray(picks)
 
 
