@@ -1,6 +1,8 @@
 """The custom-VJP convolutions and InstanceNorm of ganjax.models.layers against XLA's own ops: values,
 input gradients and kernel gradients agree to float32 rounding (1e-5 of the largest value)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,35 +23,36 @@ def _compare(fast, reference, x, kernel, tol=1e-5):
     y_ref = jax.jit(reference)(x, kernel)
     dy = jnp.asarray(np.random.default_rng(1).standard_normal(y_ref.shape), x.dtype)
 
-    def value_and_vjp(fn):
+    def value_and_vjp(fn, x, kernel, dy):
         y, vjp = jax.vjp(fn, x, kernel)
         return y, vjp(dy)
 
+    # x, kernel and dy are arguments, not constants that XLA would fold at compile time (seconds per conv)
     (y, (dx, dk)), (y0, (dx0, dk0)) = (
-        jax.jit(lambda: value_and_vjp(fast))(),
-        jax.jit(lambda: value_and_vjp(reference))(),
+        jax.jit(functools.partial(value_and_vjp, fast))(x, kernel, dy),
+        jax.jit(functools.partial(value_and_vjp, reference))(x, kernel, dy),
     )
     assert y.shape == y0.shape and dx.shape == x.shape and dk.shape == kernel.shape
     for got, want in ((y, y0), (dx, dx0), (dk, dk0)):
         assert _rel(got, want) < tol
 
 
-@pytest.mark.parametrize(
-    "k,s,p,h,w,c_in,c_out",
-    [
-        (3, 1, 0, 10, 9, 5, 6),  # ResNet block conv after a reflection pad (pad 1 + crop forward)
-        (7, 1, 0, 14, 14, 8, 3),  # ResNet head: 3 output channels
-        (7, 1, 0, 14, 12, 3, 8),  # ResNet stem: 3 input channels
-        (3, 2, 1, 16, 16, 4, 8),  # ResNet down-sampling
-        (3, 2, 1, 15, 13, 4, 8),  # odd sizes: the input gradient needs output_padding
-        (4, 2, 1, 16, 12, 6, 8),  # PatchGAN / U-Net down-sampling
-        (4, 1, 1, 5, 5, 8, 1),  # PatchGAN's last conv: 1 output channel
-        (4, 1, 1, 6, 7, 8, 16),  # PatchGAN's stride-1 conv
-        (5, 3, 2, 11, 10, 3, 4),  # stride 3
-        (1, 1, 0, 4, 4, 3, 5),  # 1x1
-        (4, 2, 1, 2, 2, 4, 4),  # U-Net innermost level: 2x2 -> 1x1
-    ],
-)
+CONV_CASES = [
+    (3, 1, 0, 10, 9, 5, 6),  # ResNet block conv after a reflection pad (pad 1 + crop forward)
+    (7, 1, 0, 14, 14, 8, 3),  # ResNet head: 3 output channels
+    (7, 1, 0, 14, 12, 3, 8),  # ResNet stem: 3 input channels
+    (3, 2, 1, 16, 16, 4, 8),  # ResNet down-sampling
+    (3, 2, 1, 15, 13, 4, 8),  # odd sizes: the input gradient needs output_padding
+    (4, 2, 1, 16, 12, 6, 8),  # PatchGAN / U-Net down-sampling
+    (4, 1, 1, 5, 5, 8, 1),  # PatchGAN's last conv: 1 output channel
+    (4, 1, 1, 6, 7, 8, 16),  # PatchGAN's stride-1 conv
+    (5, 3, 2, 11, 10, 3, 4),  # stride 3
+    (1, 1, 0, 4, 4, 3, 5),  # 1x1
+    (4, 2, 1, 2, 2, 4, 4),  # U-Net innermost level: 2x2 -> 1x1
+]
+
+
+@pytest.mark.parametrize("k,s,p,h,w,c_in,c_out", CONV_CASES)
 def test_conv2d_fast_matches_xla(k, s, p, h, w, c_in, c_out):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, h, w, c_in)), jnp.float32)
@@ -59,6 +62,60 @@ def test_conv2d_fast_matches_xla(k, s, p, h, w, c_in, c_out):
         return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
 
     _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+
+
+@pytest.mark.parametrize("k,s,p,h,w,c_in,c_out", CONV_CASES)
+def test_matmul_kernel_grad_matches_xla(k, s, p, h, w, c_in, c_out):
+    """The per-kernel-row matmul kernel gradient (used for wide convs) at every conv shape above."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, c_in)), jnp.float32)
+    kernel_shape = (k, k, c_in, c_out)
+
+    def conv(kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
+
+    y, vjp = jax.vjp(conv, jnp.zeros(kernel_shape, jnp.float32))
+    dy = jnp.asarray(rng.standard_normal(y.shape), jnp.float32)
+    got = jax.jit(lambda x, dy: layers._conv_kernel_grad_matmul(x, dy, kernel_shape, s, p))(x, dy)
+    assert got.shape == kernel_shape
+    assert _rel(got, vjp(dy)[0]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "k,s,p,h,c_in,c_out",
+    [
+        (3, 1, 0, 66, 64, 128),  # a wide 3x3 block conv after a reflection pad: 64 x 64 outputs
+        (3, 2, 1, 128, 64, 128),  # a wide down-sampling conv
+    ],
+)
+def test_conv2d_fast_wide_layers_match_xla(k, s, p, h, c_in, c_out):
+    """Shapes on which conv2d_fast takes the matmul kernel gradient (`_matmul_kernel_grad_wins`)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, h, h, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out)) * 0.05, jnp.float32)
+    out = (h + 2 * p - k) // s + 1
+    assert layers._matmul_kernel_grad_wins((1, out, out, c_out), kernel.shape)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
+
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+
+
+def test_conv_transpose_fast_wide_layer_matches_xla():
+    """A wide transposed conv (ResNet up-sampling 128 -> 64 channels at 64 -> 128 px): its kernel gradient
+    is the matmul one."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 64, 64, 128)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((3, 3, 64, 128)) * 0.05, jnp.float32)  # (k, k, C_out, C_in)
+    assert layers._matmul_kernel_grad_wins((1, 64, 64, 128), kernel.shape)
+
+    def reference(x, kernel):
+        return jax.lax.conv_transpose(
+            x, kernel, (2, 2), ((1, 2), (1, 2)), dimension_numbers=NHWC, transpose_kernel=True
+        )
+
+    _compare(lambda x, kernel: layers.conv_transpose_fast(x, kernel, 2, 1, 1), reference, x, kernel)
 
 
 @pytest.mark.parametrize(

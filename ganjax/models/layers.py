@@ -158,10 +158,49 @@ def _conv_transpose_forward(x, kernel, stride: int, padding: int, output_padding
     return z[:, :out_h, :out_w, :]
 
 
+def _matmul_kernel_grad_wins(dy_shape, kernel_shape) -> bool:
+    """Whether `_conv_kernel_grad_matmul` is the faster kernel gradient on XLA:CPU: wide convs over at least
+    4096 output pixels. Measured on whole train steps (one core, interleaved): the ResNet ngf 64 pix2pix step
+    takes 0.84-0.86x the CPU time with it (its 256- and 128-channel convs, down-/up-sampling and the
+    PatchGAN's 64 -> 128 conv qualify); extending it to 16-/32-channel convs or the PatchGAN's 32 x 32 convs
+    made the ngf 16 / ngf 64 steps slower. (Timed alone, outside a step, the two take about the same time.)"""
+    b, oh, ow, c_out = dy_shape
+    return kernel_shape[2] >= 64 and c_out >= 128 and b * oh * ow >= 4096
+
+
+def _conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, padding: int):
+    """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy> as one matmul per kernel row i:
+    dy (B*H'*W', C_out)^T @ patches_i (B*H'*W', k_w*C_in), patches_i the k_w (strided) shifts of row i of
+    the padded input side by side. A row's patches are k_w/(stride^2) times the input, not k^2/(stride^2)
+    (im2col of the whole kernel), and the matmuls run near XLA:CPU's matmul peak."""
+    kh, kw, c_in, c_out = kernel_shape
+    # x + 0 * dy[0, 0, 0, 0] (x itself for a finite dy) makes the patches depend on dy: otherwise XLA builds
+    # every layer's patches as soon as the forward pass has made its input and holds them all until the
+    # backward pass (2.2x the temp memory of a ResNet ngf 64 step; an optimization_barrier does not stop it).
+    x = x + 0 * dy[0, 0, 0, 0]
+    x = _zero_pad(x, padding)
+    b, oh, ow, _ = dy.shape
+    s = stride
+    d = dy.reshape(b * oh * ow, c_out)
+    rows = []
+    for i in range(kh):
+        end_h = i + s * (oh - 1) + 1
+        taps = [
+            jax.lax.slice(x, (0, i, j, 0), (b, end_h, j + s * (ow - 1) + 1, c_in), (1, s, s, 1))
+            for j in range(kw)
+        ]
+        patches = jnp.stack(taps, axis=3).reshape(b * oh * ow, kw * c_in)
+        rows.append(jax.lax.dot_general(d, patches, (((0,), (0,)), ((), ()))))  # (C_out, k_w*C_in)
+    return jnp.stack(rows).reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
+
+
 def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int):
-    """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>, as the gradient of a VALID conv of the
-    explicitly padded input: XLA:CPU's kernel gradient of a padded conv is slower, up to 6x for the
-    ResNet's 7x7 head (3 output channels) and 4x for the PatchGAN's last conv (1 channel)."""
+    """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>: `_conv_kernel_grad_matmul` where it
+    wins (`_matmul_kernel_grad_wins`), else the gradient of a VALID conv of the explicitly padded input:
+    XLA:CPU's kernel gradient of a padded conv is slower, up to 6x for the ResNet's 7x7 head (3 output
+    channels) and 4x for the PatchGAN's last conv (1 channel)."""
+    if _matmul_kernel_grad_wins(dy.shape, kernel_shape):
+        return _conv_kernel_grad_matmul(x, dy, kernel_shape, stride, padding)
     x = _zero_pad(x, padding)
     _, vjp = jax.vjp(lambda w: _conv(x, w, stride, _VALID), jnp.zeros(kernel_shape, x.dtype))
     return vjp(dy)[0]
@@ -184,7 +223,8 @@ def conv2d_fast(x, kernel, stride: int, padding: int):
       forward          the conv itself (stride 1, no padding: one-pixel zero pad + crop)
       input gradient   stride 1: XLA's; stride > 1: the transposed conv of dy as per-phase ordinary convs
                        (`_conv_transpose_forward`), not XLA's conv with lhs dilation
-      kernel gradient  that of a VALID conv of the zero-padded input (`_conv_kernel_grad`)
+      kernel gradient  wide convs: one matmul per kernel row (`_conv_kernel_grad_matmul`); others: that
+                       of a VALID conv of the zero-padded input (`_conv_kernel_grad`)
     """
     return _conv_forward(x, kernel, stride, padding)
 
