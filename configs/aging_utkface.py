@@ -132,21 +132,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data.age_min, data.age_max = 0.0, 90.0
         data.eval_examples = 128
         # Sized for about 10 minutes on 2 CPU cores (~7 steps/s): a narrow model, batch 8, and a
-        # residual decoder so that identity detail need not be relearned through the bottleneck.
+        # residual decoder so that identity detail need not be relearned through the bottleneck. The
+        # age-conditioned D (an option of the paper) shows it what each age looks like: ground-truth
+        # L1 / copy 0.83 at 2400 steps here, against 0.92 with the unconditional one.
+        disc.age_conditioned = True
         model.base_features = 16
         model.num_encoder_blocks = 3
         model.num_decoder_blocks = 3
         model.output = "residual"
         disc.features = 32
-        train.num_steps = 2400
+        train.num_steps = 3000
         train.batch_size = 8
         train.g_learning_rate = 5e-4
         train.d_learning_rate = 2e-4
         train.ema_decay = 0.99
         config.log.every_steps = 50
-        config.log.sample_every_steps = 800
-        config.eval.every_steps = 400
-        config.checkpoint.every_steps = 800
+        config.log.sample_every_steps = 1000
+        config.eval.every_steps = 500
+        config.checkpoint.every_steps = 1000
     if variant == "smoke":
         data.size = 32
         data.num_workers = 0
