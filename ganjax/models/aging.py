@@ -2,7 +2,7 @@
 
     images (B, H, W, 3) --encode--> features F (B, h, w, C), embedding e = GAP(F) (B, C)
     e --estimate--> logits z = W e + b (B, K), estimated age y_hat = sum_k k softmax(z)_k
-    e_t = e - a(current) + a(target), a(.) = rows of W           (ganjax.models.age_embedding)
+    e_t = e + s (a(target) - a(current)), a(.) = rows of W, s = basis_scale   (models.age_embedding)
     (F, e_t) --decode--> images (B, H, W, 3) in [-1, 1]
 
 with h = H / 2**num_downsamples and C = base_features * 2**num_downsamples.

@@ -3,7 +3,8 @@
 PAPERS.md §A. One jitted step updates the discriminator and the generator (encoder + embedded linear
 age estimator + decoder) from the same forward pass:
 
-  F, e = E(x);  z = W e + b;  y_hat = E_k[k];  e_t = e - a(y_hat) + a(t)   (a(.) = columns of W)
+  F, e = E(x);  z = W e + b;  y_hat = E_k[k];  e_t = e + s (a(t) - a(y_hat))   (a(.) = columns of W,
+  s = aging.basis_scale)
   G loss = w_est CE(z, age) [+ mean-variance] + w_adv adv(D(G(F, e_t))) + w_age CE(z(E(G(F, e_t))), t)
            + w_rec |G(F, e) - x| [+ w_cyc |G(G(x, t), y_hat) - x|]
   D loss = adv(D(x), D(G(F, e_t))) [+ R1]
