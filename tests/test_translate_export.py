@@ -279,9 +279,11 @@ def test_aging_export_from_the_command_line_loads_without_ganjax(runs, tmp_path)
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     outs = np.load(tmp_path / "out.npy")
     want = aging_reference(runs["aging"], images, ages)
-    np.testing.assert_allclose(outs[0], want[0], atol=1e-5)  # batch of 1
-    np.testing.assert_allclose(outs[1:4], want, atol=1e-5)  # batch of 3
-    np.testing.assert_allclose(outs[4:], want, atol=1e-5)  # jax.export alone
+    # The exported program's float reductions run in another order than the jitted reference's, and
+    # aging.basis_scale (10) multiplies the rounding of the age step: equal to 1e-4 (measured up to 6e-5).
+    np.testing.assert_allclose(outs[0], want[0], atol=1e-4)  # batch of 1
+    np.testing.assert_allclose(outs[1:4], want, atol=1e-4)  # batch of 3
+    np.testing.assert_allclose(outs[4:], want, atol=1e-4)  # jax.export alone
 
 
 def test_loader_and_export_refuse_bad_inputs(runs, tmp_path):
