@@ -341,15 +341,7 @@ def aging_case(*, size: int = 128, batch: int = 8, dtype: str = "float32", varia
         config.dtype = dtype
     model, disc = aging.build_models(config)
     g_tx, d_tx = aging.build_optimizers(config)
-    init = functools.partial(
-        aging.init_state,
-        model=model,
-        disc=disc,
-        g_tx=g_tx,
-        d_tx=d_tx,
-        image_size=size,
-        num_ages=config.model.num_ages,
-    )
+    init = aging.state_initializer(config, model, disc, g_tx, d_tx)
     state = jax.jit(init)(jax.random.key(seed, impl="rbg"))  # rbg keys compile the initialisers faster
     rng = np.random.default_rng(seed)
     batch_arrays = {

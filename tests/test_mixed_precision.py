@@ -119,15 +119,7 @@ def test_aging_bfloat16_step():
         config = _with_dtype(base, dtype)
         model, disc = aging.build_models(config)
         g_tx, d_tx = aging.build_optimizers(config)
-        init = functools.partial(
-            aging.init_state,
-            model=model,
-            disc=disc,
-            g_tx=g_tx,
-            d_tx=d_tx,
-            image_size=size,
-            num_ages=config.model.num_ages,
-        )
+        init = aging.state_initializer(config, model, disc, g_tx, d_tx)
         state = jax.jit(init)(jax.random.key(0))
         step = functools.partial(
             aging.train_step,

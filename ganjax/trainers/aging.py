@@ -218,6 +218,19 @@ def init_state(rng, *, model, disc, g_tx, d_tx, image_size: int, num_ages: int) 
     )
 
 
+def state_initializer(config, model, disc, g_tx, d_tx):
+    """rng -> fresh AgingState for the config's image size and ages (pure, jittable)."""
+    return functools.partial(
+        init_state,
+        model=model,
+        disc=disc,
+        g_tx=g_tx,
+        d_tx=d_tx,
+        image_size=config.data.size,
+        num_ages=config.model.num_ages,
+    )
+
+
 # ---- The step ------------------------------------------------------------------------------------
 
 
@@ -420,15 +433,7 @@ def _setup(config, workdir: str):
     )
     model, disc = build_models(config)
     g_tx, d_tx = build_optimizers(config)
-    init = functools.partial(
-        init_state,
-        model=model,
-        disc=disc,
-        g_tx=g_tx,
-        d_tx=d_tx,
-        image_size=config.data.size,
-        num_ages=config.model.num_ages,
-    )
+    init = state_initializer(config, model, disc, g_tx, d_tx)
     state_sharding = sharding.state_shardings(jax.eval_shape(init, jax.random.key(0)), mesh, config.mesh)
     return workdir, mesh, model, disc, g_tx, d_tx, init, state_sharding
 
