@@ -441,6 +441,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     suite = SUITES[args.suite]
 
+    from ganjax import host_allocator
+
+    host_malloc = "keep" if host_allocator.configure() else "system"  # as ganjax.main runs; before jax starts
+
     import jax
 
     from benchmarks import harness
@@ -482,6 +486,8 @@ def main(argv=None) -> dict:
             "torch_threads": torch.get_num_threads() if torch is not None else None,
             "torch_device": torch_device if with_torch else None,
             "xla": "default flags (XLA_FLAGS as in machine.env)",
+            # one process for both frameworks, so PyTorch runs under the same malloc settings
+            "host_malloc": host_malloc,
             "timing": "median of the timed steps after warm-up; the frameworks interleaved step by step",
         },
         "load_average": {"start": harness.load_average()},
@@ -490,8 +496,8 @@ def main(argv=None) -> dict:
     threads = f"{torch.get_num_threads()} torch threads" if torch is not None else "no torch"
     print(
         f"ganjax benchmarks, suite {args.suite}: jax {jax.__version__} on {machine['backend']} "
-        f"({machine['device_kind']}), {machine['cpu_model']}, {machine['cpu_count']} cores, {threads}; "
-        f"load average {results['load_average']['start']}"
+        f"({machine['device_kind']}), {machine['cpu_model']}, {machine['cpu_count']} cores, {threads}, "
+        f"host malloc {host_malloc}; load average {results['load_average']['start']}"
     )
     t0 = time.perf_counter()
     if "steps" in args.sections:

@@ -15,7 +15,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from ganjax import sharding
+from ganjax import host_allocator, sharding
 from ganjax.data import prepare
 from ganjax.trainers import age_regressor, aging, common, cyclegan, pix2pix
 
@@ -87,6 +87,7 @@ def prepare_data_once(config) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    host_allocator.configure()  # before jax's threads start: XLA:CPU temporaries stay mapped
     logging.set_verbosity(logging.INFO)
     sharding.initialize_distributed(_DISTRIBUTED.value)
     if jax.process_index() != 0:
