@@ -2,13 +2,14 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 from ganjax.losses import adversarial
-from ganjax.losses.aging import age_cross_entropy, l1, mean_variance_loss, two_hot
+from ganjax.losses.aging import age_cross_entropy, gaussian_labels, l1, mean_variance_loss, two_hot
 
 
 def normal(seed, shape):
@@ -92,6 +93,24 @@ def test_two_hot_cross_entropy_is_plain_cross_entropy_at_integer_ages():
     mid = age_cross_entropy(logits[:1], jnp.array([3.5]))
     ends = age_cross_entropy(logits[:1], jnp.array([3.0])) + age_cross_entropy(logits[:1], jnp.array([4.0]))
     np.testing.assert_allclose(mid, 0.5 * ends, rtol=1e-6)
+
+
+def test_gaussian_labels_are_a_discrete_gaussian_centred_on_the_age():
+    labels = np.asarray(gaussian_labels(jnp.array([50.0, 50.5, 0.0, 200.0]), 101, 3.0))
+    np.testing.assert_allclose(labels.sum(axis=1), 1.0, rtol=1e-6)
+    classes = np.arange(101)
+    expected = np.exp(-0.5 * ((classes - 50.0) / 3.0) ** 2)
+    np.testing.assert_allclose(labels[0], expected / expected.sum(), atol=1e-7)
+    np.testing.assert_allclose(labels[:2] @ classes, [50.0, 50.5], atol=1e-4)  # centred, fractional too
+    np.testing.assert_allclose(labels[1, 50], labels[1, 51], rtol=1e-6)  # 50.5 sits between 50 and 51
+    assert labels[2].argmax() == 0 and labels[3].argmax() == 100  # clipped into the classes
+    assert labels[2] @ classes > 0.5  # the truncated Gaussian leans inwards at the ends
+    # The cross-entropy with sigma > 0 is the CE against these labels; sigma = 0 keeps the two-hot one.
+    logits = normal(1, (4, 101))
+    soft = -np.mean(np.sum(labels * np.asarray(jax.nn.log_softmax(logits)), axis=1))
+    ages = jnp.array([50.0, 50.5, 0.0, 200.0])
+    np.testing.assert_allclose(age_cross_entropy(logits, ages, label_sigma=3.0), soft, rtol=1e-5)
+    np.testing.assert_allclose(age_cross_entropy(logits, ages, 0.0), age_cross_entropy(logits, ages), rtol=0)
 
 
 def test_mean_variance_on_a_known_distribution():

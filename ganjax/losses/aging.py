@@ -2,7 +2,9 @@
 
 Ages are float years; the estimator has one class per integer age 0..K-1 and labels are clipped
 into that range. Fractional ages are represented by two-hot soft labels, so integer ages reduce to
-ordinary one-hot cross-entropy.
+ordinary one-hot cross-entropy; with a label width sigma > 0 the labels are instead a Gaussian over the
+classes (label distribution learning, DLDL: Gao et al., TIP 2017), which ties neighbouring ages' rows of
+the estimator, and with them the aging basis, together.
 """
 
 import jax
@@ -25,10 +27,27 @@ def two_hot(ages: jax.Array, num_ages: int) -> jax.Array:
     )
 
 
-def age_cross_entropy(logits: jax.Array, ages: jax.Array) -> jax.Array:
-    """Mean cross-entropy of (B, K) logits against `two_hot(ages, K)`; a float32 scalar."""
+def gaussian_labels(ages: jax.Array, num_ages: int, sigma: float) -> jax.Array:
+    """(B,) float ages -> (B, K) float32 labels proportional to exp(-(k - a)^2 / (2 sigma^2)).
+
+    Ages are clipped into [0, K-1]; sigma in years (> 0). Each row sums to 1; its expected class is a
+    away from the ends of the range (within ~2 sigma of 0 or K-1 the truncated Gaussian leans inwards).
+    """
+    ages = jnp.clip(jnp.asarray(ages, jnp.float32), 0.0, num_ages - 1)
+    classes = jnp.arange(num_ages, dtype=jnp.float32)
+    return jax.nn.softmax(-0.5 * jnp.square((classes - ages[:, None]) / sigma), axis=-1)
+
+
+def age_cross_entropy(logits: jax.Array, ages: jax.Array, label_sigma: float = 0.0) -> jax.Array:
+    """Mean cross-entropy of (B, K) logits against the labels of (B,) ages; a float32 scalar.
+
+    label_sigma = 0: `two_hot(ages, K)` (the paper's); > 0: `gaussian_labels(ages, K, label_sigma)`.
+    """
     logits = jnp.asarray(logits, jnp.float32)
-    labels = two_hot(ages, logits.shape[-1])
+    if label_sigma > 0:
+        labels = gaussian_labels(ages, logits.shape[-1], label_sigma)
+    else:
+        labels = two_hot(ages, logits.shape[-1])
     return -jnp.mean(jnp.sum(labels * jax.nn.log_softmax(logits, axis=-1), axis=-1))
 
 

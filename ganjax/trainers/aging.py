@@ -73,6 +73,7 @@ class StepSettings:
     adversarial: str
     adversarial_weight: float
     estimator_weight: float
+    age_label_sigma: float
     mean_variance: bool
     mean_weight: float
     variance_weight: float
@@ -95,6 +96,7 @@ class StepSettings:
             adversarial=loss.adversarial,
             adversarial_weight=loss.adversarial_weight,
             estimator_weight=loss.estimator_weight,
+            age_label_sigma=float(loss.get("age_label_sigma", 0.0)),
             mean_variance=loss.mean_variance,
             mean_weight=loss.mean_weight,
             variance_weight=loss.variance_weight,
@@ -121,6 +123,7 @@ def validate_config(config) -> None:
     check_choice("disc.norm", config.disc.norm, ("instance",))
     common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
     check_positive("aging.basis_scale", config.aging.get("basis_scale", 1.0))
+    check_positive("loss.age_label_sigma", config.loss.get("age_label_sigma", 0.0), allow_zero=True)
     require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
     require(
         0 <= data.age_min < data.age_max <= model.num_ages - 1,
@@ -264,11 +267,11 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
         fake_logits = model.apply({"params": judge}, fake_embedding, method=model.estimate)
 
         losses = {
-            "estimator": aging_losses.age_cross_entropy(out["logits"], ages),
+            "estimator": aging_losses.age_cross_entropy(out["logits"], ages, s.age_label_sigma),
             "adversarial": adversarial.generator_loss(
                 s.adversarial, discriminate(state.d_params, fake, target_ages)
             ),
-            "age": aging_losses.age_cross_entropy(fake_logits, target_ages),
+            "age": aging_losses.age_cross_entropy(fake_logits, target_ages, s.age_label_sigma),
             "reconstruction": aging_losses.l1(reconstruction, images),
         }
         weights = {
