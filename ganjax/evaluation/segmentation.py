@@ -19,11 +19,12 @@ Three kinds are provided, chosen by `load_segmenter(spec, style)` (config.eval.s
   "module:function"  an importable factory; `module.function()` returns a segmenter (e.g. one that loads
                      a Flax FCN definition and its .npz parameters)
 
-Real Cityscapes: pix2pix's FCN-8s is a Caffe model (not loadable here) and GAN Compression's DRN-D-105
-(drn_d_105_cityscapes.pth) is a PyTorch model: convert it to Flax (needs torch and the DRN definition),
-export it with `export_segmenter`, and pass the file, plus config.eval.segmentation_labels: a folder with
-one label map per test image (PNG of train ids 0..18, 255 = ignore; gtFine *_labelTrainIds.png), named so
-that sorting pairs them with the test images' sorted file names. `scene_segmenter_function` is the
+Real Cityscapes: pix2pix's FCN-8s is a Caffe model (not loadable here); GAN Compression's DRN-D-105
+(drn-d-105_ms_cityscapes.pth) is a PyTorch model: `python -m ganjax.interop.drn_weights --weights PTH
+--output FILE` converts it to Flax (`ganjax.models.drn`) and exports it; pass config.eval.segmenter=FILE
+plus config.eval.segmentation_labels: a folder with one label map per test image (PNG of train ids
+0..18, 255 = ignore; gtFine *_labelTrainIds.png), named so that sorting pairs them with the test images'
+sorted file names. `scene_segmenter_function` is the
 built-in classifier written as such a JAX function: it is exported and used through this interface in
 the tests.
 """

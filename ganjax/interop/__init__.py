@@ -5,6 +5,7 @@
   ganjax.interop.torch_reference  PyTorch builds of the reference networks (parity tests, benchmarks)
   ganjax.interop.parity           forward / training-step parity checks against them (needs torch)
   ganjax.interop.inception_weights  pytorch-fid's Inception .pth -> Flax variables for FID/KID
+  ganjax.interop.drn_weights      GAN Compression's DRN-D-105 Cityscapes segmenter .pth -> Flax + export
 
 Importing this package needs no torch; the functions that read or write .pth files import it when called.
 """

@@ -276,6 +276,8 @@ class Conv2d(nn.Module):
 
     padding_mode "zeros": Conv2d(k, stride, padding). padding_mode "reflect": ReflectionPad2d(padding)
     followed by Conv2d(k, stride, padding=0), the pattern of the ResNet generator.
+    dilation d > 1 is `Conv2d(..., dilation=d)` (the DRN segmenter's dilated convs); `conv2d_fast` has no
+    dilation, so such convs always run the "reference" formulation (the same values).
     (B, H, W, C_in) -> (B, H', W', features) in `dtype`; parameters are float32.
     """
 
@@ -287,6 +289,7 @@ class Conv2d(nn.Module):
     use_bias: bool = True
     impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
+    dilation: int = 1
 
     @nn.compact
     def __call__(self, x):
@@ -300,7 +303,12 @@ class Conv2d(nn.Module):
         elif self.padding_mode != "zeros":
             raise ValueError(f"padding_mode must be 'zeros' or 'reflect', got {self.padding_mode!r}")
 
-        if resolve_conv_impl(self.impl) == "fast":
+        if self.dilation != 1:
+            d = self.dilation
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.stride,) * 2, ((p, p), (p, p)), rhs_dilation=(d, d), dimension_numbers=_NHWC
+            )
+        elif resolve_conv_impl(self.impl) == "fast":
             y = conv2d_fast(x, kernel, self.stride, p)
         else:
             y = _conv(x, kernel, self.stride, ((p, p), (p, p)))
