@@ -4,7 +4,7 @@ XLA:CPU allocates each step's temporary buffers with malloc and frees them when 
 for a ResNet ngf 64 pix2pix step at 256 px). With glibc's defaults those large blocks are mmap-ed and
 unmapped again, or trimmed off the top of the heap, so every step page-faults its whole working set in
 afresh: 130k minor faults and ~0.23 s of system time per ResNet ngf 64 step on one core, ~10% of the
-step (docs/performance.md). Keeping freed memory in one never-trimmed heap removes those faults.
+step (docs/performance.md). Keeping freed memory in malloc's heaps, untrimmed, removes those faults.
 
 The cost is that the process keeps its high-water mark of host memory instead of returning it, which is
 what a training process does anyway. Entry points (`ganjax.main`, `benchmarks.run`) call `configure()`
@@ -26,17 +26,22 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
-# What configure("keep") sets: one arena (XLA's worker threads would otherwise each get an arena whose
-# large frees go back to the kernel), no mmap-ed blocks, and the largest trim threshold mallopt takes
-# (2 GiB, an int): free memory at the top of the heap is only returned beyond that.
-SETTINGS = {"arena_max": 1, "mmap_max": 0, "trim_threshold": 2**31 - 1}
+# What configure("keep") sets: no mmap-ed blocks, and the largest trim threshold mallopt takes (2 GiB, an
+# int): free memory at the top of a heap is only returned beyond that.
+SETTINGS = {"mmap_max": 0, "trim_threshold": 2**31 - 1}
+# On a process pinned to one core, also a single arena: XLA's worker threads would otherwise get arenas of
+# their own, whose freed blocks still fault (one-core ResNet ngf 64 step 1.07 x PyTorch with it, 1.11
+# without). With several cores a single arena's lock costs more than it saves (2-core aging demo: 6.0 steps/s
+# with it, 6.5 without, 6.25 with glibc's defaults).
+SINGLE_CORE_SETTINGS = {"arena_max": 1}
 
 
 def configure(mode: str | None = None) -> bool:
     """Applies `mode` ("keep" or "system"; default: $GANJAX_HOST_MALLOC, else "keep").
 
     Returns True when glibc accepted the "keep" settings, False for "system" or a libc without mallopt.
-    Call it before the first jax computation: the arena limit only binds threads created afterwards.
+    Call it before the first jax computation: no step's buffers are mmap-ed before it, and the one-core
+    arena limit binds the threads jax starts afterwards.
     """
     mode = (mode or os.environ.get(ENV_VAR) or "keep").strip().lower()
     if mode not in MODES:
@@ -46,7 +51,9 @@ def configure(mode: str | None = None) -> bool:
     libc = _glibc()
     if libc is None:
         return False
-    ok = libc.mallopt(_M_ARENA_MAX, SETTINGS["arena_max"])
+    ok = 1
+    if len(os.sched_getaffinity(0)) == 1:
+        ok &= libc.mallopt(_M_ARENA_MAX, SINGLE_CORE_SETTINGS["arena_max"])
     ok &= libc.mallopt(_M_MMAP_MAX, SETTINGS["mmap_max"])
     ok &= libc.mallopt(_M_TRIM_THRESHOLD, SETTINGS["trim_threshold"])
     return bool(ok)
