@@ -220,6 +220,14 @@ def _bn(name):
     return lambda x: bn(x, use_running_average=True)
 
 
+def _shortcut(x, width: int, stride: int, downsample: bool):
+    """A block's residual branch: x, or `downsample` = Sequential(conv 1x1 (stride), BN) when it changes
+    the width or the resolution. Called inside a block's compact method, so the layers are the block's."""
+    if not downsample:
+        return x
+    return _bn("downsample_bn")(_conv(width, 1, stride, name="downsample_conv")(x))
+
+
 class Bottleneck(nn.Module):
     """fyu/drn `Bottleneck` (expansion 4): 1x1 -> 3x3 (stride, dilation) -> 1x1 x4, residual sum, ReLU."""
 
@@ -234,10 +242,7 @@ class Bottleneck(nn.Module):
         out = _conv(self.planes, 3, self.stride, self.dilation, name="conv2")(out)
         out = nn.relu(_bn("bn2")(out))
         out = _bn("bn3")(_conv(self.planes * 4, 1, name="conv3")(out))
-        residual = x
-        if self.downsample:
-            residual = _bn("downsample_bn")(_conv(self.planes * 4, 1, self.stride, name="downsample_conv")(x))
-        return nn.relu(out + residual)
+        return nn.relu(out + _shortcut(x, self.planes * 4, self.stride, self.downsample))
 
 
 class BasicBlock(nn.Module):
@@ -253,10 +258,7 @@ class BasicBlock(nn.Module):
         out = _conv(self.planes, 3, self.stride, self.dilation, name="conv1")(x)
         out = nn.relu(_bn("bn1")(out))
         out = _bn("bn2")(_conv(self.planes, 3, 1, self.dilation, name="conv2")(out))
-        residual = x
-        if self.downsample:
-            residual = _bn("downsample_bn")(_conv(self.planes, 1, self.stride, name="downsample_conv")(x))
-        return nn.relu(out + residual)
+        return nn.relu(out + _shortcut(x, self.planes, self.stride, self.downsample))
 
 
 class ConvLayers(nn.Module):
