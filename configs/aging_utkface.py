@@ -3,7 +3,7 @@
 UTKFace on disk (download the aligned-and-cropped "UTKFace.tar.gz", unpack it, point data.manual_dir at it):
   python -m ganjax.main --config configs/aging_utkface.py --workdir runs/utk \
       --config.data.manual_dir=~/data/UTKFace
-Built-in synthetic faces (no download, 64 px, about 8.5 minutes on 2 CPU cores):
+Built-in synthetic faces (no download, 64 px, about 8 minutes on 2 CPU cores):
   python -m ganjax.main --config configs/aging_utkface.py:synthetic --workdir runs/demo
 Tiny model and few steps on built-in data, for tests:
   python -m ganjax.main --config configs/aging_utkface.py:smoke --workdir /tmp/aging_smoke
@@ -134,7 +134,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data.size = 64
         data.age_min, data.age_max = 0.0, 90.0
         data.eval_examples = 128
-        # Sized for under 10 minutes on 2 CPU cores (~6 steps/s, 8.5 min): a narrow model, batch 8, and a
+        # Sized for under 10 minutes on 2 CPU cores (~6 steps/s, 8 min): a narrow model, batch 8, and a
         # residual decoder so that identity detail need not be relearned through the bottleneck. The
         # age-conditioned D (an option of the paper) shows it what each age looks like: ground-truth
         # L1 / copy 0.83 at 2400 steps here, against 0.92 with the unconditional one. D learns as fast
