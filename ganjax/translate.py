@@ -45,7 +45,7 @@ from PIL import Image, ImageOps
 
 from ganjax import visualize
 from ganjax.checkpoint import CheckpointShapeError
-from ganjax.evaluation import translation_in_loop
+from ganjax.evaluation import batching, translation_in_loop
 from ganjax.trainers import common
 from ganjax.trainers import translation_common as tc
 
@@ -416,7 +416,7 @@ def translate_folder(
                 except (OSError, ValueError, Image.DecompressionBombError) as e:
                     summary.skipped.append((rel, skip_reason(e)))
             if images:
-                outputs = translation_in_loop.batched(apply, (np.stack(images),), batch)
+                outputs = batching.batched(apply, (np.stack(images),), batch)
                 for rel, output in zip(kept, outputs, strict=True):
                     path = os.path.join(output_dir, names[rel])
                     summary.written.append(visualize.save_png(visualize.to_uint8(output), path))

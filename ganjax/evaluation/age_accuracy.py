@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from ganjax.evaluation.aging_in_loop import batched
+from ganjax.evaluation.batching import batched
 from ganjax.models import age_regressor
 
 REGRESSOR_TRAINERS = ("age_regressor",)

@@ -18,6 +18,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ganjax.evaluation.batching import batched
+
 
 def ground_truth_pairs(identity: np.ndarray, age: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (src, dst) of the same identity at different ages, in a deterministic order."""
@@ -30,19 +32,6 @@ def ground_truth_pairs(identity: np.ndarray, age: np.ndarray) -> tuple[np.ndarra
                     src.append(i)
                     dst.append(j)
     return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
-
-
-def batched(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
-    """Applies fn to fixed-size batches (the last one padded) so it compiles once; concatenates."""
-    n = len(arrays[0])
-    outputs = []
-    for start in range(0, n, batch_size):
-        chunk = [a[start : start + batch_size] for a in arrays]
-        valid = len(chunk[0])
-        if valid < batch_size:
-            chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - valid, 0)]) for c in chunk]
-        outputs.append(np.asarray(fn(*chunk))[:valid])
-    return np.concatenate(outputs)
 
 
 def evaluate(

@@ -28,7 +28,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ganjax.evaluation import age_accuracy, identity
-from ganjax.evaluation.aging_in_loop import batched
+from ganjax.evaluation.batching import batched
 from ganjax.trainers import common
 
 # (images (B, H, W, 3), target ages (B,), current ages (B,)) -> aged images (B, H, W, 3)

@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 
 from ganjax import visualize
 from ganjax.evaluation import scene_labels
+from ganjax.evaluation.batching import batched
 
 _DROPOUT_STREAM = 0x7E57  # folded into the seed: test-time dropout masks differ from training's
 
@@ -44,19 +45,6 @@ class TestSet:
     targets: np.ndarray | None = None
     labels: np.ndarray | None = None
     style: str | None = None
-
-
-def batched(fn: Callable, arrays: tuple[np.ndarray, ...], batch_size: int) -> np.ndarray:
-    """Applies fn to fixed-size batches (the last one padded) so it compiles once; concatenates."""
-    n = len(arrays[0])
-    outputs = []
-    for start in range(0, n, batch_size):
-        chunk = [a[start : start + batch_size] for a in arrays]
-        valid = len(chunk[0])
-        if valid < batch_size:
-            chunk = [np.concatenate([c, np.repeat(c[-1:], batch_size - valid, 0)]) for c in chunk]
-        outputs.append(np.asarray(fn(*chunk))[:valid])
-    return np.concatenate(outputs)
 
 
 def make_translate_fn(generator: nn.Module, *, train_mode: bool, seed: int):

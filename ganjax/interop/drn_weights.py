@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ganjax.evaluation import batching
 from ganjax.models import drn
 
 WEIGHTS_FILENAME = "drn-d-105_ms_cityscapes.pth"
@@ -286,14 +287,7 @@ class DRNSegmenter:
         photos = np.asarray(photos, np.float32)
         if photos.ndim != 4 or photos.shape[-1] != 3:
             raise ValueError(f"photos must be (N, H, W, 3), got {photos.shape}")
-        parts = []
-        for start in range(0, len(photos), self.batch_size):
-            batch = photos[start : start + self.batch_size]
-            n = len(batch)
-            if n < self.batch_size:  # one compiled shape
-                batch = np.concatenate([batch, np.zeros((self.batch_size - n, *batch.shape[1:]), np.float32)])
-            parts.append(np.asarray(fn(self.variables, batch))[:n])
-        return np.concatenate(parts)
+        return batching.batched(lambda batch: fn(self.variables, batch), (photos,), self.batch_size)
 
     def log_probabilities(self, photos: np.ndarray) -> np.ndarray:
         """float32 (N, H, W, num_classes): DRNSeg's LogSoftmax output for the photos."""

@@ -30,7 +30,7 @@ from clu import parameter_overview
 from ganjax import sharding
 from ganjax.data import pipeline
 from ganjax.evaluation import offline
-from ganjax.evaluation.aging_in_loop import batched
+from ganjax.evaluation.batching import batched
 from ganjax.losses import aging as aging_losses
 from ganjax.models.age_regressor import AgeRegressor, build_regressor, predict_age
 from ganjax.trainers import common, loop

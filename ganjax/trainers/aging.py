@@ -33,7 +33,7 @@ from clu import parameter_overview
 
 from ganjax import sharding, visualize
 from ganjax.data import pipeline
-from ganjax.evaluation import aging_in_loop, aging_offline, offline
+from ganjax.evaluation import aging_in_loop, aging_offline, batching, offline
 from ganjax.losses import adversarial
 from ganjax.losses import aging as aging_losses
 from ganjax.models import age_embedding
@@ -413,7 +413,7 @@ class AgingEvaluator:
         for target in self.config.log.sample_ages:
             targets = np.full(len(picks), target, np.float32)
             columns.append(
-                aging_in_loop.batched(
+                batching.batched(
                     lambda x, t, c: self._age(params, *self._put(x, t, c), self.use_label),
                     (inputs, targets, ages),
                     self.batch_size,
