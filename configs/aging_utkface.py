@@ -54,7 +54,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.num_downsamples = 2  # encoder feature map F is size / 2**num_downsamples
     model.num_encoder_blocks = 4  # residual blocks at the bottleneck of the encoder
     model.num_decoder_blocks = 4  # conditioned residual blocks of the decoder
-    model.output = "image"  # "image": decoder draws the face; "residual": it draws a change added to x
+    model.output = "image"  # "image": decoder draws the face; "residual": a change added to x;
+    # "mask": colours painted over x through a drawn mask (m c + (1 - m) x)
     config.aging = aging = ml_collections.ConfigDict()
     aging.basis = "weights"  # aging basis a(t) = estimator row t ("weights") or its L2-normalised form
     aging.current_age = "estimated"  # residual r = e - a(current): "estimated" (y_hat) or "label"
@@ -86,6 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.age_weight = 1.0  # the estimator must read the target age off the generated face
     loss.reconstruction_weight = 10.0  # |G(x, y_hat) - x|_1
     loss.cycle_weight = 0.0  # |G(G(x, t), y_hat) - x|_1 (off by default)
+    loss.mask_weight = 0.0  # mean of the blend mask of model.output = "mask" on aged faces
     loss.r1_weight = 0.0  # R1 gradient penalty on real images (gamma / 2 * |grad D|^2)
 
     # ---- Optimisation -------------------------------------------------------------------------

@@ -215,3 +215,26 @@ def test_residual_output_adds_a_bounded_change_to_the_input():
     np.testing.assert_allclose(decoded, jnp.clip(images + change, -1, 1), atol=1e-6)
     with pytest.raises(ValueError, match="needs the input images"):
         model.apply(params, features, embedding, method=model.decode)
+
+
+def test_mask_output_blends_decoded_colours_over_the_input():
+    model = AgingGenerator(
+        base_features=8, num_encoder_blocks=1, num_decoder_blocks=1, output="mask", replace_feature_mean=False
+    )
+    images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
+    params = model.init(jax.random.key(0), images, jnp.zeros((2,)))
+    assert params["params"]["decoder"]["to_rgb"]["kernel"].shape[-1] == 4  # RGB + mask
+    out = model.apply(params, images, jnp.array([10.0, 70.0]))
+    # The decoder's raw 4 tanh channels (without the mean replacement, decode only adds the blend).
+    decoded = model.apply(
+        params, out["features"], out["target_embedding"], method=lambda m, f, e: m.decoder(f, e)
+    )
+    colours, mask = decoded[..., :3], (decoded[..., 3:] + 1) / 2
+    assert 0.0 < float(mask.min()) and float(mask.max()) < 1.0
+    np.testing.assert_allclose(out["mask"], mask, atol=1e-6)
+    np.testing.assert_allclose(out["images"], mask * colours + (1 - mask) * images, atol=1e-6)
+    # Each output pixel lies between the input and the drawn colour: the blend never overshoots.
+    low, high = jnp.minimum(images, colours), jnp.maximum(images, colours)
+    assert bool(jnp.all((out["images"] >= low - 1e-6) & (out["images"] <= high + 1e-6)))
+    with pytest.raises(ValueError, match="needs the input images"):
+        model.apply(params, out["features"], out["embedding"], method=model.decode)

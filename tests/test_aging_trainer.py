@@ -74,12 +74,30 @@ def test_one_device_and_eight_devices_give_the_same_losses(data_dir, tmp_path):
         ("train__g_learning_rate", -1.0, "train.g_learning_rate"),
         ("train__decay_steps", 7, "train.decay_steps"),
         ("aging__basis_scale", 0.0, "aging.basis_scale"),
+        ("loss__mask_weight", 0.5, "loss.mask_weight"),  # the :smoke model's output is "residual"
     ],
 )
 def test_bad_configs_fail_early_with_the_key_named(data_dir, key, value, message):
     config = smoke_config(data_dir, **{key: value})
     with pytest.raises(common.ConfigError, match=message):
         aging.validate_config(config)
+
+
+def test_mask_penalty_shrinks_the_blend_mask(data_dir, tmp_path):
+    masks = {}
+    for weight in (1e-3, 100.0):
+        config = smoke_config(
+            data_dir, train__num_steps=2, log__every_steps=1, model__output="mask", loss__mask_weight=weight
+        )
+        workdir = str(tmp_path / f"mask{weight}")
+        main.run(config, workdir)
+        metrics = read_metrics(workdir)
+        masks[weight] = [metrics[step]["mask"] for step in (1, 2)]
+    # Same initial mask; after one update the heavily penalised G paints less.
+    assert 0 < masks[1e-3][0] < 1
+    np.testing.assert_allclose(masks[1e-3][0], masks[100.0][0], rtol=1e-6)
+    assert masks[100.0][1] < masks[100.0][0]
+    assert masks[100.0][1] < masks[1e-3][1]
 
 
 def test_batch_not_divisible_by_devices_is_reported(data_dir, tmp_path):

@@ -27,7 +27,7 @@ from ganjax.models.age_embedding import expected_age, target_embedding
 from ganjax.models.layers import InstanceNorm, reflect_pad
 
 CONDITIONINGS = ("adain", "channel_scale", "concat")
-OUTPUTS = ("image", "residual")
+OUTPUTS = ("image", "residual", "mask")
 
 _ONE_PIXEL = ((1, 1), (1, 1))
 
@@ -205,12 +205,13 @@ class Decoder(nn.Module):
       "channel_scale": F * sigmoid(MLP(e_t)) (HRFAE's age modulation), then plain blocks;
       "concat": Dense(e_t) broadcast over space, concatenated to F, 1x1 conv back to C, plain blocks.
     Then `num_upsamples` x [nearest x2 + 3x3 conv halving channels, IN, ReLU] and a reflect-padded
-    7x7 conv to RGB + tanh.
+    7x7 conv to `out_channels` (RGB, or RGB + a mask channel) + tanh.
     """
 
     num_upsamples: int
     num_blocks: int
     conditioning: str = "adain"
+    out_channels: int = 3
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -246,7 +247,7 @@ class Decoder(nn.Module):
         for _ in range(self.num_upsamples):
             channels //= 2
             x = nn.relu(_instance_norm(UpsampleConv(channels, dtype=self.dtype)(x)))
-        to_rgb = ReflectConv(3, 7, use_bias=True, dtype=self.dtype, name="to_rgb")
+        to_rgb = ReflectConv(self.out_channels, 7, use_bias=True, dtype=self.dtype, name="to_rgb")
         return jnp.tanh(to_rgb(x)).astype(jnp.float32)
 
 
@@ -260,8 +261,9 @@ class AgingGenerator(nn.Module):
       num_encoder_blocks, num_decoder_blocks: residual blocks at the bottleneck.
       conditioning: "adain", "channel_scale" or "concat" (see `Decoder`).
       normalize_basis: use L2-normalised aging bases (PAPERS.md option).
-      output: "image" (the decoder draws the whole face) or "residual" (it draws a change that is
-        added to the input face; see `decode`).
+      output: "image" (the decoder draws the whole face), "residual" (it draws a change that is
+        added to the input face) or "mask" (it draws colours and where to paint them over the input
+        face); see `decode`.
       replace_feature_mean: the decoder sees F - GAP(F) + e_t instead of F (see `decode`).
       basis_scale: s in e_t = e + s (a(target) - a(current)) (`age_embedding.target_embedding`).
       dtype: compute dtype of the convolutions; parameters are float32, and the embedding, logits,
@@ -292,7 +294,11 @@ class AgingGenerator(nn.Module):
             self.base_features, self.num_downsamples, self.num_encoder_blocks, dtype=self.dtype
         )
         self.decoder = Decoder(
-            self.num_downsamples, self.num_decoder_blocks, self.conditioning, dtype=self.dtype
+            self.num_downsamples,
+            self.num_decoder_blocks,
+            self.conditioning,
+            out_channels=4 if self.output == "mask" else 3,
+            dtype=self.dtype,
         )
         self.age_kernel = self.param(
             "age_kernel", nn.initializers.lecun_normal(), (width, self.num_ages), jnp.float32
@@ -324,8 +330,17 @@ class AgingGenerator(nn.Module):
 
         With `output="residual"` the decoder's output is a change added to the input `images`
         (B, H, W, 3): out = clip(images + 2 * tanh(.), -1, 1), so identity detail need not pass the
-        bottleneck and the decoder learns only what aging changes.
+        bottleneck and the decoder learns only what aging changes. With `output="mask"` it draws
+        colours c and a mask m in [0, 1] (attention-based editing, as in GANimation):
+        out = m c + (1 - m) images, so a region that changes colour as a whole (greying hair) is
+        painted over instead of shifted by an input-dependent amount.
         """
+        return self.decode_with_mask(features, target_embedding, images)[0]
+
+    def decode_with_mask(
+        self, features: jax.Array, target_embedding: jax.Array, images: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """`decode`, also returning the (B, H, W, 1) float32 mask of `output="mask"` (else None)."""
         if self.replace_feature_mean:
             # e = GAP(F): give the decoder F with its channel means swapped for e_t. At e_t = e this
             # is F itself; otherwise the current age that F's means carry cannot bypass e_t.
@@ -334,10 +349,14 @@ class AgingGenerator(nn.Module):
             features = (features.astype(jnp.float32) + shift).astype(features.dtype)
         decoded = self.decoder(features, target_embedding)
         if self.output == "image":
-            return decoded
+            return decoded, None
         if images is None:
-            raise ValueError("AgingGenerator(output='residual').decode needs the input images.")
-        return jnp.clip(images.astype(jnp.float32) + 2.0 * decoded, -1.0, 1.0)
+            raise ValueError(f"AgingGenerator(output={self.output!r}).decode needs the input images.")
+        images = images.astype(jnp.float32)
+        if self.output == "residual":
+            return jnp.clip(images + 2.0 * decoded, -1.0, 1.0), None
+        colours, mask = decoded[..., :3], 0.5 * (decoded[..., 3:] + 1.0)  # tanh -> [0, 1]
+        return mask * colours + (1.0 - mask) * images, mask
 
     def __call__(
         self,
@@ -355,7 +374,8 @@ class AgingGenerator(nn.Module):
 
         Returns:
           dict with `features` (B, h, w, C), `embedding` (B, C), `logits` (B, K), `estimated_age`
-          (B,), `target_embedding` (B, C) and `images` (B, H, W, 3). The aging bases are taken from
+          (B,), `target_embedding` (B, C), `images` (B, H, W, 3) and, with `output="mask"`, the
+          blend's `mask` (B, H, W, 1). The aging bases are taken from
           a stop-gradient copy of the estimator kernel: the estimator learns only from `logits`.
         """
         features, embedding = self.encode(images)
@@ -371,11 +391,14 @@ class AgingGenerator(nn.Module):
             normalize=self.normalize_basis,
             basis_scale=self.basis_scale,
         )
-        return {
+        out = {
             "features": features,
             "embedding": embedding,
             "logits": logits,
             "estimated_age": estimated,
             "target_embedding": e_t,
-            "images": self.decode(features, e_t, images),
         }
+        out["images"], mask = self.decode_with_mask(features, e_t, images)
+        if mask is not None:
+            out["mask"] = mask
+        return out

@@ -80,6 +80,7 @@ class StepSettings:
     age_weight: float
     reconstruction_weight: float
     cycle_weight: float
+    mask_weight: float
     r1_weight: float
     ema_decay: float
 
@@ -103,6 +104,7 @@ class StepSettings:
             age_weight=loss.age_weight,
             reconstruction_weight=loss.reconstruction_weight,
             cycle_weight=loss.cycle_weight,
+            mask_weight=float(loss.get("mask_weight", 0.0)),
             r1_weight=loss.r1_weight,
             ema_decay=config.train.ema_decay,
         )
@@ -124,6 +126,12 @@ def validate_config(config) -> None:
     common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
     check_positive("aging.basis_scale", config.aging.get("basis_scale", 1.0))
     check_positive("loss.age_label_sigma", config.loss.get("age_label_sigma", 0.0), allow_zero=True)
+    check_positive("loss.mask_weight", config.loss.get("mask_weight", 0.0), allow_zero=True)
+    require(
+        config.loss.get("mask_weight", 0.0) == 0 or model.output == "mask",
+        f"config.loss.mask_weight = {config.loss.get('mask_weight')} penalises the blend mask of "
+        f'config.model.output = "mask", but model.output is {model.output!r}: set one or the other.',
+    )
     require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
     require(
         0 <= data.age_min < data.age_max <= model.num_ages - 1,
@@ -288,6 +296,9 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
             back = model.apply({"params": g_params}, fake, back_ages, target_ages)["images"]
             losses["cycle"] = aging_losses.l1(back, images)
             weights["cycle"] = s.cycle_weight
+        if s.mask_weight > 0:  # paint only what aging changes (GANimation's attention L1)
+            losses["mask"] = jnp.mean(out["mask"])
+            weights["mask"] = s.mask_weight
         total = sum(weights[k] * losses[k] for k in losses)
         return total, (losses, fake, out["estimated_age"])
 
