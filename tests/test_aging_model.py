@@ -232,6 +232,7 @@ def test_mask_output_blends_decoded_colours_over_the_input():
     colours, mask = decoded[..., :3], (decoded[..., 3:] + 1) / 2
     assert 0.0 < float(mask.min()) and float(mask.max()) < 1.0
     np.testing.assert_allclose(out["mask"], mask, atol=1e-6)
+    np.testing.assert_allclose(out["colours"], colours, atol=1e-6)
     np.testing.assert_allclose(out["images"], mask * colours + (1 - mask) * images, atol=1e-6)
     # Each output pixel lies between the input and the drawn colour: the blend never overshoots.
     low, high = jnp.minimum(images, colours), jnp.maximum(images, colours)

@@ -8,6 +8,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import run_helpers
@@ -78,6 +79,8 @@ def test_one_device_and_eight_devices_give_the_same_losses(data_dir, tmp_path, o
         ("train__decay_steps", 7, "train.decay_steps"),
         ("aging__basis_scale", 0.0, "aging.basis_scale"),
         ("loss__mask_weight", -0.5, "loss.mask_weight"),
+        ("loss__colour_weight", -0.5, "loss.colour_weight"),
+        ("loss__age_weight_end", -1.0, "loss.age_weight_end"),
     ],
 )
 def test_bad_configs_fail_early_with_the_key_named(data_dir, key, value, message):
@@ -86,8 +89,9 @@ def test_bad_configs_fail_early_with_the_key_named(data_dir, key, value, message
         aging.validate_config(config)
 
 
-def test_mask_penalty_needs_the_mask_output(data_dir):
-    config = smoke_config(data_dir, model__output="residual", loss__mask_weight=0.5)
+@pytest.mark.parametrize("key", ["loss__mask_weight", "loss__colour_weight"])
+def test_mask_losses_need_the_mask_output(data_dir, key):
+    config = smoke_config(data_dir, model__output="residual", **{key: 0.5})
     with pytest.raises(common.ConfigError, match='model.output = "mask"'):
         aging.validate_config(config)
 
@@ -107,6 +111,32 @@ def test_mask_penalty_shrinks_the_blend_mask(data_dir, tmp_path):
     np.testing.assert_allclose(masks[1e-3][0], masks[100.0][0], rtol=1e-6)
     assert masks[100.0][1] < masks[100.0][0]
     assert masks[100.0][1] < masks[1e-3][1]
+
+
+def test_age_weight_moves_linearly_to_its_end_value_when_one_is_set(data_dir):
+    constant = aging.StepSettings.from_config(smoke_config(data_dir, loss__age_weight=0.3))
+    scheduled = aging.StepSettings.from_config(
+        smoke_config(data_dir, train__num_steps=100, loss__age_weight=1.0, loss__age_weight_end=0.2)
+    )
+    for step, expected in ((0, 1.0), (50, 0.6), (100, 0.2), (150, 0.2)):
+        np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), scheduled), expected, rtol=1e-6)
+        np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), constant), 0.3, rtol=1e-6)
+
+
+def test_colour_loss_teaches_the_colour_layer_to_draw_the_input(data_dir, tmp_path):
+    colour_errors = {}
+    for weight in (1e-3, 100.0):
+        config = smoke_config(
+            data_dir, train__num_steps=2, log__every_steps=1, model__output="mask", loss__colour_weight=weight
+        )
+        workdir = str(tmp_path / f"colour{weight}")
+        main.run(config, workdir)
+        metrics = read_metrics(workdir)
+        colour_errors[weight] = [metrics[step]["colour"] for step in (1, 2)]
+    # Same initial colours; after one update the heavily weighted G draws closer to the input face.
+    np.testing.assert_allclose(colour_errors[1e-3][0], colour_errors[100.0][0], rtol=1e-6)
+    assert colour_errors[100.0][1] < colour_errors[100.0][0]
+    assert colour_errors[100.0][1] < colour_errors[1e-3][1]
 
 
 def test_batch_not_divisible_by_devices_is_reported(data_dir, tmp_path):

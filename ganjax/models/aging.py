@@ -335,12 +335,13 @@ class AgingGenerator(nn.Module):
         out = m c + (1 - m) images, so a region that changes colour as a whole (greying hair) is
         painted over instead of shifted by an input-dependent amount.
         """
-        return self.decode_with_mask(features, target_embedding, images)[0]
+        return self.decode_with_layers(features, target_embedding, images)[0]
 
-    def decode_with_mask(
+    def decode_with_layers(
         self, features: jax.Array, target_embedding: jax.Array, images: jax.Array | None = None
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """`decode`, also returning the (B, H, W, 1) float32 mask of `output="mask"` (else None)."""
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`decode`, also returning the layers it blended: with `output="mask"` the (B, H, W, 1)
+        float32 `mask` and the (B, H, W, 3) drawn `colours`; an empty dict for the other outputs."""
         if self.replace_feature_mean:
             # e = GAP(F): give the decoder F with its channel means swapped for e_t. At e_t = e this
             # is F itself; otherwise the current age that F's means carry cannot bypass e_t.
@@ -349,14 +350,14 @@ class AgingGenerator(nn.Module):
             features = (features.astype(jnp.float32) + shift).astype(features.dtype)
         decoded = self.decoder(features, target_embedding)
         if self.output == "image":
-            return decoded, None
+            return decoded, {}
         if images is None:
             raise ValueError(f"AgingGenerator(output={self.output!r}).decode needs the input images.")
         images = images.astype(jnp.float32)
         if self.output == "residual":
-            return jnp.clip(images + 2.0 * decoded, -1.0, 1.0), None
+            return jnp.clip(images + 2.0 * decoded, -1.0, 1.0), {}
         colours, mask = decoded[..., :3], 0.5 * (decoded[..., 3:] + 1.0)  # tanh -> [0, 1]
-        return mask * colours + (1.0 - mask) * images, mask
+        return mask * colours + (1.0 - mask) * images, {"mask": mask, "colours": colours}
 
     def __call__(
         self,
@@ -375,7 +376,7 @@ class AgingGenerator(nn.Module):
         Returns:
           dict with `features` (B, h, w, C), `embedding` (B, C), `logits` (B, K), `estimated_age`
           (B,), `target_embedding` (B, C), `images` (B, H, W, 3) and, with `output="mask"`, the
-          blend's `mask` (B, H, W, 1). The aging bases are taken from
+          blend's `mask` (B, H, W, 1) and `colours` (B, H, W, 3). The aging bases are taken from
           a stop-gradient copy of the estimator kernel: the estimator learns only from `logits`.
         """
         features, embedding = self.encode(images)
@@ -398,7 +399,6 @@ class AgingGenerator(nn.Module):
             "estimated_age": estimated,
             "target_embedding": e_t,
         }
-        out["images"], mask = self.decode_with_mask(features, e_t, images)
-        if mask is not None:
-            out["mask"] = mask
+        out["images"], layers = self.decode_with_layers(features, e_t, images)
+        out.update(layers)
         return out

@@ -78,9 +78,12 @@ class StepSettings:
     mean_weight: float
     variance_weight: float
     age_weight: float
+    age_weight_end: float
+    num_steps: int
     reconstruction_weight: float
     cycle_weight: float
     mask_weight: float
+    colour_weight: float
     r1_weight: float
     ema_decay: float
 
@@ -102,12 +105,28 @@ class StepSettings:
             mean_weight=loss.mean_weight,
             variance_weight=loss.variance_weight,
             age_weight=loss.age_weight,
+            age_weight_end=_age_weight_end(loss),
+            num_steps=config.train.num_steps,
             reconstruction_weight=loss.reconstruction_weight,
             cycle_weight=loss.cycle_weight,
             mask_weight=float(loss.get("mask_weight", 0.0)),
+            colour_weight=float(loss.get("colour_weight", 0.0)),
             r1_weight=loss.r1_weight,
             ema_decay=config.train.ema_decay,
         )
+
+
+def _age_weight_end(loss) -> float:
+    """loss.age_weight_end, or loss.age_weight where it is unset (None) or absent (older runs)."""
+    end = loss.get("age_weight_end")
+    return float(loss.age_weight if end is None else end)
+
+
+def age_weight_at(step, settings: StepSettings):
+    """The age loss weight at `step`: linear from age_weight at 0 to age_weight_end at num_steps."""
+    s = settings
+    progress = jnp.clip(step / s.num_steps, 0.0, 1.0)
+    return s.age_weight + (s.age_weight_end - s.age_weight) * progress
 
 
 # ---- Config validation ---------------------------------------------------------------------------
@@ -125,13 +144,16 @@ def validate_config(config) -> None:
     check_choice("disc.norm", config.disc.norm, ("instance",))
     common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
     check_positive("aging.basis_scale", config.aging.get("basis_scale", 1.0))
+    check_positive("loss.age_weight_end", _age_weight_end(config.loss), allow_zero=True)
     check_positive("loss.age_label_sigma", config.loss.get("age_label_sigma", 0.0), allow_zero=True)
-    check_positive("loss.mask_weight", config.loss.get("mask_weight", 0.0), allow_zero=True)
-    require(
-        config.loss.get("mask_weight", 0.0) == 0 or model.output == "mask",
-        f"config.loss.mask_weight = {config.loss.get('mask_weight')} penalises the blend mask of "
-        f'config.model.output = "mask", but model.output is {model.output!r}: set one or the other.',
-    )
+    for key, what in (("mask_weight", "penalises the blend mask"), ("colour_weight", "trains the colours")):
+        weight = config.loss.get(key, 0.0)
+        check_positive(f"loss.{key}", weight, allow_zero=True)
+        require(
+            weight == 0 or model.output == "mask",
+            f'config.loss.{key} = {weight} {what} of config.model.output = "mask", but model.output '
+            f"is {model.output!r}: set one or the other.",
+        )
     require(model.num_ages >= 2, f"config.model.num_ages = {model.num_ages} must be >= 2.")
     require(
         0 <= data.age_min < data.age_max <= model.num_ages - 1,
@@ -266,8 +288,12 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
     def generator_loss(g_params):
         out = model.apply({"params": g_params}, images, target_ages, current_ages)
         fake = out["images"]
-        reconstruction = model.apply(
-            {"params": g_params}, out["features"], out["embedding"], images, method=model.decode
+        reconstruction, reconstruction_layers = model.apply(
+            {"params": g_params},
+            out["features"],
+            out["embedding"],
+            images,
+            method=model.decode_with_layers,
         )
         # The age judge for generated faces: the same E and W, parameters stopped.
         judge = jax.lax.stop_gradient(g_params)
@@ -285,7 +311,7 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
         weights = {
             "estimator": s.estimator_weight,
             "adversarial": s.adversarial_weight,
-            "age": s.age_weight,
+            "age": age_weight_at(state.step, s),
             "reconstruction": s.reconstruction_weight,
         }
         if s.mean_variance:
@@ -296,6 +322,9 @@ def train_step(state: AgingState, batch, *, model, disc, g_tx, d_tx, settings: S
             back = model.apply({"params": g_params}, fake, back_ages, target_ages)["images"]
             losses["cycle"] = aging_losses.l1(back, images)
             weights["cycle"] = s.cycle_weight
+        if s.colour_weight > 0:  # the colour layer must draw the whole face, not only under the mask
+            losses["colour"] = aging_losses.l1(reconstruction_layers["colours"], images)
+            weights["colour"] = s.colour_weight
         if s.mask_weight > 0:  # paint only what aging changes (GANimation's attention L1)
             losses["mask"] = jnp.mean(out["mask"])
             weights["mask"] = s.mask_weight
