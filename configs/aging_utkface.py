@@ -150,7 +150,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # residual decoder. A weak age loss leaves G less reason to fool the embedded age judge with
         # artefacts (constant 0.3: 0.79 / - / 0.79; 0.1: 0.70 / 0.78 / 0.74) but may never get G to use
         # the target age (0.1 with loss.colour_weight 2 on 2 cores: ratio 1.00 throughout), so the weight
-        # falls from 1 to 0 over the run: 0.73 / 0.72 / - on one core, 0.74 on 2 cores (README).
+        # falls from 1 to 0 over the run: 0.73 / 0.72 / - on one core, 0.74 on 2 cores (README). Longer
+        # runs do better (3200 steps: 0.67 / 0.67; 0.71 on 2 cores) but take over 10 minutes.
         # The age-conditioned D (an option of the paper) shows it what each age looks like (0.83 vs 0.92
         # with the unconditional one). D learns as fast as G: with D at 2e-4, seed 2 of 3 let G fool the
         # embedded age judge with artefacts instead of aging (1.44). Numbers: README, face aging.
