@@ -144,7 +144,8 @@ def validate_config(config) -> None:
     check_choice("disc.norm", config.disc.norm, ("instance",))
     common.compute_dtype(config)  # config.dtype is one of common.COMPUTE_DTYPES
     check_positive("aging.basis_scale", config.aging.get("basis_scale", 1.0))
-    check_positive("loss.age_weight_end", _age_weight_end(config.loss), allow_zero=True)
+    if config.loss.get("age_weight_end") is not None:  # unset = constant loss.age_weight, nothing to check
+        check_positive("loss.age_weight_end", config.loss.age_weight_end, allow_zero=True)
     check_positive("loss.age_label_sigma", config.loss.get("age_label_sigma", 0.0), allow_zero=True)
     for key, what in (("mask_weight", "penalises the blend mask"), ("colour_weight", "trains the colours")):
         weight = config.loss.get(key, 0.0)
