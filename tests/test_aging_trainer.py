@@ -81,6 +81,7 @@ def test_one_device_and_eight_devices_give_the_same_losses(data_dir, tmp_path, o
         ("loss__mask_weight", -0.5, "loss.mask_weight"),
         ("loss__colour_weight", -0.5, "loss.colour_weight"),
         ("loss__age_weight_end", -1.0, "loss.age_weight_end"),
+        ("loss__age_weight_steps", 0, "loss.age_weight_steps"),
     ],
 )
 def test_bad_configs_fail_early_with_the_key_named(data_dir, key, value, message):
@@ -124,11 +125,30 @@ def test_age_weight_moves_linearly_to_its_end_value_when_one_is_set(data_dir):
     unset = smoke_config(data_dir, loss__age_weight=0.3, loss__age_weight_end=None)
     constant = aging.StepSettings.from_config(unset)
     scheduled = aging.StepSettings.from_config(
-        smoke_config(data_dir, train__num_steps=100, loss__age_weight=1.0, loss__age_weight_end=0.2)
+        smoke_config(
+            data_dir,
+            train__num_steps=100,
+            loss__age_weight=1.0,
+            loss__age_weight_end=0.2,
+            loss__age_weight_steps=None,  # unset: the weight moves over all of train.num_steps
+        )
     )
     for step, expected in ((0, 1.0), (50, 0.6), (100, 0.2), (150, 0.2)):
         np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), scheduled), expected, rtol=1e-6)
         np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), constant), 0.3, rtol=1e-6)
+
+
+def test_age_weight_reaches_its_end_value_at_age_weight_steps_and_stays(data_dir):
+    config = smoke_config(
+        data_dir,
+        train__num_steps=100,
+        loss__age_weight=1.0,
+        loss__age_weight_end=0.0,
+        loss__age_weight_steps=40,
+    )
+    settings = aging.StepSettings.from_config(config)
+    for step, expected in ((0, 1.0), (10, 0.75), (40, 0.0), (70, 0.0), (100, 0.0)):
+        np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), settings), expected, atol=1e-7)
 
 
 def test_batch_not_divisible_by_devices_is_reported(data_dir, tmp_path):

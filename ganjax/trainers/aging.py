@@ -79,7 +79,7 @@ class StepSettings:
     variance_weight: float
     age_weight: float
     age_weight_end: float
-    num_steps: int
+    age_weight_steps: int
     reconstruction_weight: float
     cycle_weight: float
     mask_weight: float
@@ -106,7 +106,7 @@ class StepSettings:
             variance_weight=loss.variance_weight,
             age_weight=loss.age_weight,
             age_weight_end=_age_weight_end(loss),
-            num_steps=config.train.num_steps,
+            age_weight_steps=_age_weight_steps(config),
             reconstruction_weight=loss.reconstruction_weight,
             cycle_weight=loss.cycle_weight,
             mask_weight=float(loss.get("mask_weight", 0.0)),
@@ -122,10 +122,17 @@ def _age_weight_end(loss) -> float:
     return float(loss.age_weight if end is None else end)
 
 
+def _age_weight_steps(config) -> int:
+    """loss.age_weight_steps, or train.num_steps where it is unset (None) or absent (older runs)."""
+    steps = config.loss.get("age_weight_steps")
+    return int(config.train.num_steps if steps is None else steps)
+
+
 def age_weight_at(step, settings: StepSettings):
-    """The age loss weight at `step`: linear from age_weight at 0 to age_weight_end at num_steps."""
+    """The age loss weight at `step`: linear from age_weight at 0 to age_weight_end at age_weight_steps,
+    then constant."""
     s = settings
-    progress = jnp.clip(step / s.num_steps, 0.0, 1.0)
+    progress = jnp.clip(step / s.age_weight_steps, 0.0, 1.0)
     return s.age_weight + (s.age_weight_end - s.age_weight) * progress
 
 
@@ -146,6 +153,8 @@ def validate_config(config) -> None:
     check_positive("aging.basis_scale", config.aging.get("basis_scale", 1.0))
     if config.loss.get("age_weight_end") is not None:  # unset = constant loss.age_weight, nothing to check
         check_positive("loss.age_weight_end", config.loss.age_weight_end, allow_zero=True)
+    if config.loss.get("age_weight_steps") is not None:
+        check_positive("loss.age_weight_steps", config.loss.age_weight_steps)
     check_positive("loss.age_label_sigma", config.loss.get("age_label_sigma", 0.0), allow_zero=True)
     for key, what in (("mask_weight", "penalises the blend mask"), ("colour_weight", "trains the colours")):
         weight = config.loss.get(key, 0.0)
