@@ -3,7 +3,7 @@
 UTKFace on disk (download the aligned-and-cropped "UTKFace.tar.gz", unpack it, point data.manual_dir at it):
   python -m ganjax.main --config configs/aging_utkface.py --workdir runs/utk \
       --config.data.manual_dir=~/data/UTKFace
-Built-in synthetic faces (no download, 64 px, about 8 minutes on 2 CPU cores):
+Built-in synthetic faces (no download, 64 px, about 9.5 minutes on 2 CPU cores):
   python -m ganjax.main --config configs/aging_utkface.py:synthetic --workdir runs/demo
 Tiny model and few steps on built-in data, for tests:
   python -m ganjax.main --config configs/aging_utkface.py:smoke --workdir /tmp/aging_smoke
@@ -89,6 +89,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # train.num_steps (a strong start gets G to use the target age, a weak end leaves G less reason to
     # fool the embedded age judge with artefacts instead of aging the face).
     loss.age_weight_end = ml_collections.config_dict.placeholder(float)
+    # The step at which the age weight reaches age_weight_end and stays; None = train.num_steps.
+    loss.age_weight_steps = ml_collections.config_dict.placeholder(int)
     loss.reconstruction_weight = 10.0  # |G(x, y_hat) - x|_1
     loss.cycle_weight = 0.0  # |G(G(x, t), y_hat) - x|_1 (off by default)
     loss.mask_weight = 0.0  # mean of the blend mask of model.output = "mask" on aged faces
@@ -143,15 +145,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data.size = 64
         data.age_min, data.age_max = 0.0, 90.0
         data.eval_examples = 128
-        # Sized for under 10 minutes on 2 CPU cores (~6 steps/s, 8 min): a narrow model, batch 8, and a
-        # mask decoder (out = m c + (1 - m) x) so that identity detail need not be relearned through the
-        # bottleneck and hair that greys is painted over as a whole: ground-truth L1 / copy 0.82 / 0.75 /
-        # 0.85 for seeds 0 / 1 / 2 at 2400 steps (one core each), against 0.95 / 0.85 / 0.85 with the
+        # Sized for under 10 minutes on 2 CPU cores (~6 steps/s, 9 min 20 s): a narrow model, batch 8,
+        # and a mask decoder (out = m c + (1 - m) x) so that identity detail need not be relearned through
+        # the bottleneck and hair that greys is painted over as a whole: ground-truth L1 / copy 0.82 / 0.75
+        # / 0.85 for seeds 0 / 1 / 2 at 2400 steps (one core each), against 0.95 / 0.85 / 0.85 with the
         # residual decoder. A weak age loss leaves G less reason to fool the embedded age judge with
         # artefacts (constant 0.3: 0.79 / - / 0.79; 0.1: 0.70 / 0.78 / 0.74) but may never get G to use
         # the target age (0.1 with loss.colour_weight 2 on 2 cores: ratio 1.00 throughout), so the weight
-        # falls from 1 to 0 over the run: 0.73 / 0.72 / - on one core, 0.74 on 2 cores (README). Longer
-        # runs do better (3200 steps: 0.67 / 0.67; 0.71 on 2 cores) but take over 10 minutes.
+        # falls from 1 to 0 over the first two thirds of the run and stays 0 (the last third cleans up
+        # what fooling the judge left): 0.69 / 0.67 at 3000 steps on one core, 0.69 on 2 cores; falling
+        # over the whole run: 0.73 / 0.72 at 2400 steps, 0.67 / 0.67 at 3200 (README).
         # The age-conditioned D (an option of the paper) shows it what each age looks like (0.83 vs 0.92
         # with the unconditional one). D learns as fast as G: with D at 2e-4, seed 2 of 3 let G fool the
         # embedded age judge with artefacts instead of aging (1.44). Numbers: README, face aging.
@@ -161,16 +164,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         model.num_decoder_blocks = 3
         model.output = "mask"
         disc.features = 32
-        train.num_steps = 2400
+        train.num_steps = 3000
         train.batch_size = 8
         loss.age_weight_end = 0.0
+        loss.age_weight_steps = 2000
         train.g_learning_rate = 5e-4
         train.d_learning_rate = 5e-4
         train.ema_decay = 0.99
         config.log.every_steps = 50
-        config.log.sample_every_steps = 800
-        config.eval.every_steps = 400
-        config.checkpoint.every_steps = 800
+        config.log.sample_every_steps = 1000
+        config.eval.every_steps = 1000  # each in-loop evaluation takes ~11 s of the 10 minutes
+        config.checkpoint.every_steps = 1000
     if variant == "smoke":
         data.size = 32
         data.num_workers = 0
@@ -186,6 +190,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         disc.num_layers = 2
         train.num_steps = 6
         train.batch_size = 8
+        loss.age_weight_steps = 4  # the demo's schedule shape: falls over two thirds, then constant
         config.log.every_steps = 2
         config.log.sample_every_steps = 6
         config.log.sample_faces = 2
