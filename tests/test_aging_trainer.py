@@ -122,7 +122,9 @@ def test_mask_output_losses_lower_their_term_after_one_update(data_dir, tmp_path
 
 
 def test_age_weight_moves_linearly_to_its_end_value_when_one_is_set(data_dir):
-    unset = smoke_config(data_dir, loss__age_weight=0.3, loss__age_weight_end=None)
+    unset = smoke_config(
+        data_dir, loss__age_weight=0.3, loss__age_weight_end=None, loss__age_weight_steps=None
+    )
     constant = aging.StepSettings.from_config(unset)
     scheduled = aging.StepSettings.from_config(
         smoke_config(
@@ -136,6 +138,12 @@ def test_age_weight_moves_linearly_to_its_end_value_when_one_is_set(data_dir):
     for step, expected in ((0, 1.0), (50, 0.6), (100, 0.2), (150, 0.2)):
         np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), scheduled), expected, rtol=1e-6)
         np.testing.assert_allclose(aging.age_weight_at(jnp.int32(step), constant), 0.3, rtol=1e-6)
+
+
+def test_age_weight_steps_without_an_end_value_is_reported(data_dir):
+    config = smoke_config(data_dir, loss__age_weight_end=None, loss__age_weight_steps=10)
+    with pytest.raises(common.ConfigError, match="set age_weight_end or unset age_weight_steps"):
+        aging.validate_config(config)
 
 
 def test_age_weight_reaches_its_end_value_at_age_weight_steps_and_stays(data_dir):

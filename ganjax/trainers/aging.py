@@ -155,6 +155,12 @@ def validate_config(config) -> None:
         check_positive("loss.age_weight_end", config.loss.age_weight_end, allow_zero=True)
     if config.loss.get("age_weight_steps") is not None:
         check_positive("loss.age_weight_steps", config.loss.age_weight_steps)
+        require(
+            config.loss.get("age_weight_end") is not None,
+            f"config.loss.age_weight_steps = {config.loss.age_weight_steps} is when the age weight reaches "
+            "loss.age_weight_end, which is unset (a constant weight): set age_weight_end or unset "
+            "age_weight_steps.",
+        )
     check_positive("loss.age_label_sigma", config.loss.get("age_label_sigma", 0.0), allow_zero=True)
     for key, what in (("mask_weight", "penalises the blend mask"), ("colour_weight", "trains the colours")):
         weight = config.loss.get(key, 0.0)
