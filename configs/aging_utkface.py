@@ -86,10 +86,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     loss.variance_weight = 0.05
     loss.age_weight = 1.0  # the estimator must read the target age off the generated face
     # None: a constant age weight. A number: the weight moves linearly from age_weight at step 0 to this at
-    # train.num_steps (a strong start gets G to use the target age, a weak end leaves G less reason to
-    # fool the embedded age judge with artefacts instead of aging the face).
+    # loss.age_weight_steps (a strong start gets G to use the target age, a weak end leaves G less reason
+    # to fool the embedded age judge with artefacts instead of aging the face).
     loss.age_weight_end = ml_collections.config_dict.placeholder(float)
-    # The step at which the age weight reaches age_weight_end and stays; None = train.num_steps.
+    # The step at which the age weight reaches age_weight_end and then stays; None = train.num_steps.
     loss.age_weight_steps = ml_collections.config_dict.placeholder(int)
     loss.reconstruction_weight = 10.0  # |G(x, y_hat) - x|_1
     loss.cycle_weight = 0.0  # |G(G(x, t), y_hat) - x|_1 (off by default)
