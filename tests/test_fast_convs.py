@@ -40,7 +40,10 @@ def _compare(fast, reference, x, kernel, tol=1e-5):
 CONV_CASES = [
     (3, 1, 0, 10, 9, 5, 6),  # ResNet block conv after a reflection pad (pad 1 + crop forward)
     (7, 1, 0, 14, 14, 8, 3),  # ResNet head: 3 output channels
-    (7, 1, 0, 14, 12, 3, 8),  # ResNet stem: 3 input channels
+    (7, 1, 0, 14, 12, 3, 8),  # ResNet stem: 3 input channels (VALID forward)
+    (7, 1, 0, 12, 12, 3, 32),  # ResNet stem at ngf 32: output channels zero-padded to 64 in the forward pass
+    (7, 1, 0, 12, 13, 16, 3),  # ResNet head at ngf 16: input channels zero-padded to 20 in the forward pass
+    (4, 1, 1, 9, 9, 32, 128),  # a kernel larger than dy: the matmul input gradient
     (3, 2, 1, 16, 16, 4, 8),  # ResNet down-sampling
     (3, 2, 1, 15, 13, 4, 8),  # odd sizes: the input gradient needs output_padding
     (4, 2, 1, 16, 12, 6, 8),  # PatchGAN / U-Net down-sampling
@@ -62,6 +65,15 @@ def test_conv2d_fast_matches_xla(k, s, p, h, w, c_in, c_out):
         return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
 
     _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+
+
+def test_matmul_input_grad_rule():
+    """The PatchGAN's 256 -> 512 conv at 256 px takes the matmul input gradient, the ResNet's block convs
+    and the PatchGAN's 1-channel last conv do not; the test case above with a large kernel does."""
+    assert layers._matmul_input_grad_wins((1, 31, 31, 512), (4, 4, 256, 512))
+    assert not layers._matmul_input_grad_wins((1, 64, 64, 256), (3, 3, 256, 256))
+    assert not layers._matmul_input_grad_wins((1, 30, 30, 1), (4, 4, 512, 1))
+    assert layers._matmul_input_grad_wins((2, 8, 8, 128), (4, 4, 32, 128))
 
 
 @pytest.mark.parametrize("k,s,p,h,w,c_in,c_out", CONV_CASES)

@@ -108,13 +108,35 @@ def _zero_pad(x, p: int):
     return jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0))) if p else x
 
 
+# XLA:CPU runs a conv with 8-19 input and at most 4 output channels in Eigen, 3.6-4x slower than YNNPACK
+# runs the same conv with its input channels zero-padded to this many (see `_conv_forward`).
+_THIN_CONV_PADDED_C_IN = 20
+
+
 def _conv_forward(x, kernel, stride: int, padding: int):
     """conv2d(x, kernel, stride, zero padding) as XLA:CPU runs it fastest.
 
     A stride-1 conv without padding (after a reflection pad) is 3-30x slower as a VALID conv than with a
-    one-pixel zero pad whose extra output ring is cropped (measured on the ResNet's 3x3 and 7x7 convs).
+    one-pixel zero pad whose extra output ring is cropped (measured on the ResNet's 3x3 and 7x7 convs, which
+    XLA gives to YNNPACK). Three exceptions, for the ResNet's 7x7 stem and head at small ngf (measured at
+    256 px, ms on one core / two threads):
+      <= 4 -> <= 16 channels   Eigen runs it either way, and VALID is faster (3 -> 16: 5.2 -> 4.6 /
+                               3.4 -> 3.1)
+      <= 4 -> 17-63 channels   zero output channels up to 64, cropped: YNNPACK runs 3 -> 32 3x slower than
+                               3 -> 64 (16.9 -> 5.8 / 17.4 -> 5.7)
+      8-19 -> <= 4 channels    zero input channels up to `_THIN_CONV_PADDED_C_IN` (16 -> 3: 14.6 -> 3.6 /
+                               7.2 -> 2.0)
     """
     if stride == 1 and padding == 0:
+        c_in, c_out = kernel.shape[2], kernel.shape[3]
+        if c_in <= 4 and c_out <= 16:
+            return _conv(x, kernel, 1, _VALID)
+        if c_in <= 4 and c_out < 64:
+            kernel = jnp.pad(kernel, ((0, 0), (0, 0), (0, 0), (0, 64 - c_out)))
+            return _conv(x, kernel, 1, ((1, 1), (1, 1)))[:, 1:-1, 1:-1, :c_out]
+        if 8 <= c_in < _THIN_CONV_PADDED_C_IN and c_out <= 4:
+            extra = ((0, 0),) * 3 + ((0, _THIN_CONV_PADDED_C_IN - c_in),)
+            x, kernel = jnp.pad(x, extra), jnp.pad(kernel, extra[1:] + ((0, 0),))
         return _conv(x, kernel, 1, ((1, 1), (1, 1)))[:, 1:-1, 1:-1, :]
     return _conv(x, kernel, stride, ((padding, padding), (padding, padding)))
 
@@ -194,6 +216,35 @@ def _conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, padding: int):
     return jnp.stack(rows).reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
 
 
+def _matmul_input_grad_wins(dy_shape, kernel_shape) -> bool:
+    """Whether `_conv_input_grad_matmul` is the faster input gradient of a stride-1 conv on XLA:CPU: kernels
+    with at least as many elements as dy and at least 128 output channels. Measured (ms, XLA -> matmul, two
+    threads / one core): the PatchGAN's 256 -> 512 k4 conv at 31 x 31 outputs 12.5 -> 9.6 / 20.5 -> 17.4,
+    256 -> 256 k3 at 16 x 16 1.4 -> 1.3 / 1.9 -> 1.5, 128 -> 128 k3 at 32 x 32 1.5 -> 1.1 / 1.6 -> 1.4; the
+    smaller kernels of the ResNet blocks (256 -> 256 k3 at 64 x 64) and 1-channel outputs (the PatchGAN's
+    last conv) are faster as XLA's input gradient."""
+    return kernel_shape[3] >= 128 and np.prod(kernel_shape) >= np.prod(dy_shape)
+
+
+def _conv_input_grad_matmul(dy, kernel, x_shape, padding: int):
+    """d/dx of <conv2d(x, kernel, stride 1, zero padding), dy> as one matmul of dy into all k*k taps,
+    (B*H'*W', C_out) @ (k*k*C_in, C_out)^T, then the sum of the k*k tap planes, each shifted to where its
+    tap reads the padded input, cropped to x. XLA's own input gradient first transposes and flips the
+    kernel, which costs more than the conv itself when the kernel is larger than dy."""
+    b, oh, ow, c_out = dy.shape
+    k, _, c_in, _ = kernel.shape
+    taps = jax.lax.dot_general(
+        dy.reshape(b * oh * ow, c_out), kernel.reshape(k * k * c_in, c_out), (((1,), (1,)), ((), ()))
+    ).reshape(b, oh, ow, k, k, c_in)
+    padded_h, padded_w = x_shape[1] + 2 * padding, x_shape[2] + 2 * padding
+    dx_padded = sum(
+        jnp.pad(taps[:, :, :, i, j], ((0, 0), (i, padded_h - oh - i), (j, padded_w - ow - j), (0, 0)))
+        for i in range(k)
+        for j in range(k)
+    )
+    return dx_padded[:, padding : padding + x_shape[1], padding : padding + x_shape[2]]
+
+
 def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int):
     """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>: `_conv_kernel_grad_matmul` where it
     wins (`_matmul_kernel_grad_wins`), else the gradient of a VALID conv of the explicitly padded input:
@@ -220,9 +271,10 @@ def conv2d_fast(x, kernel, stride: int, padding: int):
     a custom VJP, for XLA:CPU. The values are those of the plain conv; each pass is the fastest exact
     XLA:CPU formulation measured (docs/performance.md):
 
-      forward          the conv itself (stride 1, no padding: one-pixel zero pad + crop)
-      input gradient   stride 1: XLA's; stride > 1: the transposed conv of dy as per-phase ordinary convs
-                       (`_conv_transpose_forward`), not XLA's conv with lhs dilation
+      forward          the conv itself (stride 1, no padding: see `_conv_forward`)
+      input gradient   stride 1: XLA's, or for kernels larger than dy one matmul into all taps
+                       (`_conv_input_grad_matmul`); stride > 1: the transposed conv of dy as per-phase
+                       ordinary convs (`_conv_transpose_forward`), not XLA's conv with lhs dilation
       kernel gradient  wide convs: one matmul per kernel row (`_conv_kernel_grad_matmul`); others: that
                        of a VALID conv of the zero-padded input (`_conv_kernel_grad`)
     """
@@ -235,7 +287,9 @@ def _conv2d_fast_fwd(x, kernel, stride, padding):
 
 def _conv2d_fast_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    if stride == 1:
+    if stride == 1 and _matmul_input_grad_wins(dy.shape, kernel.shape):
+        dx = _conv_input_grad_matmul(dy, kernel, x.shape, padding)
+    elif stride == 1:
         pads = ((padding, padding), (padding, padding))
         dx = jax.vjp(lambda x: _conv(x, kernel, 1, pads), x)[1](dy)[0]
     else:
