@@ -44,6 +44,7 @@ CONV_CASES = [
     (7, 1, 0, 12, 12, 3, 32),  # ResNet stem at ngf 32: output channels zero-padded to 64 in the forward pass
     (7, 1, 0, 12, 13, 16, 3),  # ResNet head at ngf 16: input channels zero-padded to 20 in the forward pass
     (4, 1, 1, 9, 9, 32, 128),  # a kernel larger than dy: the matmul input gradient
+    (4, 2, 1, 4, 5, 16, 128),  # U-Net inner down-sampling: the same, strided
     (3, 2, 1, 16, 16, 4, 8),  # ResNet down-sampling
     (3, 2, 1, 15, 13, 4, 8),  # odd sizes: the input gradient needs output_padding
     (4, 2, 1, 16, 12, 6, 8),  # PatchGAN / U-Net down-sampling
@@ -67,13 +68,16 @@ def test_conv2d_fast_matches_xla(k, s, p, h, w, c_in, c_out):
     _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
 
 
-def test_matmul_input_grad_rule():
-    """The PatchGAN's 256 -> 512 conv at 256 px takes the matmul input gradient, the ResNet's block convs
-    and the PatchGAN's 1-channel last conv do not; the test case above with a large kernel does."""
-    assert layers._matmul_input_grad_wins((1, 31, 31, 512), (4, 4, 256, 512))
-    assert not layers._matmul_input_grad_wins((1, 64, 64, 256), (3, 3, 256, 256))
-    assert not layers._matmul_input_grad_wins((1, 30, 30, 1), (4, 4, 512, 1))
-    assert layers._matmul_input_grad_wins((2, 8, 8, 128), (4, 4, 32, 128))
+def test_matmul_transpose_rule():
+    """Large kernels over small inputs take the matmul transposed conv / input gradient: the U-Net's inner
+    up-sampling and the PatchGAN's 256 -> 512 conv's input gradient; not the ResNet's 64 x 64 block convs,
+    the U-Net's outer levels or the PatchGAN's 1-channel last conv."""
+    assert layers._matmul_transpose_wins((1, 8, 8, 1024), (4, 4, 512, 1024))
+    assert layers._matmul_transpose_wins((1, 31, 31, 512), (4, 4, 256, 512))
+    assert not layers._matmul_transpose_wins((1, 64, 64, 256), (3, 3, 256, 256))
+    assert not layers._matmul_transpose_wins((1, 64, 64, 256), (4, 4, 64, 256))
+    assert not layers._matmul_transpose_wins((1, 30, 30, 1), (4, 4, 512, 1))
+    assert layers._matmul_transpose_wins((2, 8, 8, 128), (4, 4, 32, 128))
 
 
 @pytest.mark.parametrize("k,s,p,h,w,c_in,c_out", CONV_CASES)
@@ -145,6 +149,32 @@ def test_conv_transpose_fast_matches_xla(k, s, p, op, h, w):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, h, w, 5)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, 7, 5)) * 0.1, jnp.float32)  # (k, k, C_out, C_in)
+
+    def reference(x, kernel):
+        pad = (k - 1 - p, k - 1 - p + op)
+        return jax.lax.conv_transpose(
+            x, kernel, (s, s), (pad, pad), dimension_numbers=NHWC, transpose_kernel=True
+        )
+
+    _compare(lambda x, kernel: layers.conv_transpose_fast(x, kernel, s, p, op), reference, x, kernel)
+
+
+@pytest.mark.parametrize(
+    "k,s,p,op,h,w",
+    [
+        (4, 2, 1, 0, 2, 2),  # U-Net inner up-sampling
+        (4, 2, 1, 0, 1, 1),  # U-Net innermost level
+        (3, 2, 1, 1, 3, 4),  # output_padding
+        (3, 2, 0, 1, 2, 3),  # output_padding > padding: the output reaches past the last tap
+        (5, 3, 2, 1, 2, 3),  # stride 3
+    ],
+)
+def test_conv_transpose_matmul_matches_xla(k, s, p, op, h, w):
+    """Kernels larger than the input (`_matmul_transpose_wins`): one matmul into all taps, spread by stride."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, 128)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, 6, 128)) * 0.05, jnp.float32)  # (k, k, C_out, C_in)
+    assert layers._matmul_transpose_wins(x.shape, kernel.shape)
 
     def reference(x, kernel):
         pad = (k - 1 - p, k - 1 - p + op)

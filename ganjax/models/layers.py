@@ -154,8 +154,11 @@ def _conv_transpose_forward(x, kernel, stride: int, padding: int, output_padding
     Output row s*m + a of a transposed conv is sum_t x[m + d] w[t] over the taps t = a + p - s*d, so
     phase a is a stride-1 conv over x with those taps. No multiplication by zero is done (a single conv
     over all phases would pad every phase to the largest tap count: 16 instead of 9 taps for k3 s2), and
-    XLA:CPU's `conv_transpose` is avoided (its kernel gradient is 20-60x slower than a conv's).
+    XLA:CPU's `conv_transpose` is avoided (its kernel gradient is 20-60x slower than a conv's). Kernels
+    larger than x take `_conv_transpose_matmul` instead (`_matmul_transpose_wins`).
     """
+    if _matmul_transpose_wins(x.shape, kernel.shape):
+        return _conv_transpose_matmul(x, kernel, stride, padding, output_padding)
     k, s = kernel.shape[0], stride
     b, h, w, _ = x.shape
     c_out = kernel.shape[2]
@@ -177,6 +180,50 @@ def _conv_transpose_forward(x, kernel, stride: int, padding: int, output_padding
             phases.append(_conv(x, sub, 1, pad))
     z = jnp.stack(phases, axis=3).reshape(b, rows_h, rows_w, s, s, c_out)
     z = z.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows_h * s, rows_w * s, c_out)
+    return z[:, :out_h, :out_w, :]
+
+
+def _matmul_transpose_wins(x_shape, kernel_shape) -> bool:
+    """Whether `_conv_transpose_matmul` is the faster transposed conv (or input gradient of a conv, the same
+    operation) on XLA:CPU: kernels with at least as many elements as x and at least 128 input channels.
+    Per-phase convs (and XLA's own stride-1 input gradient) first slice and transpose the kernel, which
+    costs more than the convs when the kernel is larger than x: the U-Net's inner levels, whose kernels
+    reach 4 x 4 x 512 x 1024, and the PatchGAN's 256 -> 512 conv. Measured, ms on two threads / one core:
+    U-Net ngf 64 up-sampling 1024 -> 512 at 2 x 2 16.1 -> 5.7 / 25.3 -> 5.8, at 8 x 8 19.7 -> 7.2 /
+    33.0 -> 10.8, 1024 -> 256 at 16 x 16 13.8 -> 7.2 / 21.2 -> 12.8, 512 -> 512 at 1 x 1 6.6 -> 0.8; input
+    gradient of the PatchGAN's 256 -> 512 k4 conv at 31 x 31 outputs 12.5 -> 9.6 / 20.5 -> 17.4. At 64 x 64
+    (U-Net 256 -> 64, ResNet 256 -> 256 k3: kernels smaller than x) the convs stay faster."""
+    return kernel_shape[3] >= 128 and np.prod(kernel_shape) >= np.prod(x_shape)
+
+
+def _conv_transpose_matmul(x, kernel, stride: int, padding: int, output_padding: tuple[int, int]):
+    """`_conv_transpose_forward` as one matmul of x into all k*k taps, (B*H*W, C_in) @ (k*k*C_out, C_in)^T,
+    then per output phase (a, b) the sum of the tap planes that feed it, each shifted to its rows (tap t
+    sends input row m to output row s*m + t - p: phase (t - p) mod s, row (t - p) // s + m of that phase),
+    and the phases interleaved (depth-to-space), as in the per-phase convs."""
+    b, h, w, c_in = x.shape
+    k, s, c_out = kernel.shape[0], stride, kernel.shape[2]
+    taps = jax.lax.dot_general(
+        x.reshape(b * h * w, c_in), kernel.reshape(k * k * c_out, c_in), (((1,), (1,)), ((), ()))
+    ).reshape(b, h, w, k, k, c_out)
+    out_h = (h - 1) * s - 2 * padding + k + output_padding[0]
+    out_w = (w - 1) * s - 2 * padding + k + output_padding[1]
+    rows, cols = -(-out_h // s), -(-out_w // s)  # per-phase rows, cropped to out_h / out_w below
+    zero = jnp.zeros((), x.dtype)
+    phases = []
+    for a in range(s):
+        for b_ in range(s):
+            planes = []
+            for i in range(k):
+                for j in range(k):
+                    if (i - padding) % s != a or (j - padding) % s != b_:
+                        continue
+                    di, dj = (i - padding) // s, (j - padding) // s
+                    pads = ((0, 0, 0), (di, rows - h - di, 0), (dj, cols - w - dj, 0), (0, 0, 0))
+                    planes.append(jax.lax.pad(taps[:, :, :, i, j], zero, pads))  # negative pads crop
+            phases.append(sum(planes) if planes else jnp.zeros((b, rows, cols, c_out), x.dtype))
+    z = jnp.stack(phases, axis=3).reshape(b, rows, cols, s, s, c_out)
+    z = z.transpose(0, 1, 3, 2, 4, 5).reshape(b, rows * s, cols * s, c_out)
     return z[:, :out_h, :out_w, :]
 
 
@@ -216,35 +263,6 @@ def _conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, padding: int):
     return jnp.stack(rows).reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
 
 
-def _matmul_input_grad_wins(dy_shape, kernel_shape) -> bool:
-    """Whether `_conv_input_grad_matmul` is the faster input gradient of a stride-1 conv on XLA:CPU: kernels
-    with at least as many elements as dy and at least 128 output channels. Measured (ms, XLA -> matmul, two
-    threads / one core): the PatchGAN's 256 -> 512 k4 conv at 31 x 31 outputs 12.5 -> 9.6 / 20.5 -> 17.4,
-    256 -> 256 k3 at 16 x 16 1.4 -> 1.3 / 1.9 -> 1.5, 128 -> 128 k3 at 32 x 32 1.5 -> 1.1 / 1.6 -> 1.4; the
-    smaller kernels of the ResNet blocks (256 -> 256 k3 at 64 x 64) and 1-channel outputs (the PatchGAN's
-    last conv) are faster as XLA's input gradient."""
-    return kernel_shape[3] >= 128 and np.prod(kernel_shape) >= np.prod(dy_shape)
-
-
-def _conv_input_grad_matmul(dy, kernel, x_shape, padding: int):
-    """d/dx of <conv2d(x, kernel, stride 1, zero padding), dy> as one matmul of dy into all k*k taps,
-    (B*H'*W', C_out) @ (k*k*C_in, C_out)^T, then the sum of the k*k tap planes, each shifted to where its
-    tap reads the padded input, cropped to x. XLA's own input gradient first transposes and flips the
-    kernel, which costs more than the conv itself when the kernel is larger than dy."""
-    b, oh, ow, c_out = dy.shape
-    k, _, c_in, _ = kernel.shape
-    taps = jax.lax.dot_general(
-        dy.reshape(b * oh * ow, c_out), kernel.reshape(k * k * c_in, c_out), (((1,), (1,)), ((), ()))
-    ).reshape(b, oh, ow, k, k, c_in)
-    padded_h, padded_w = x_shape[1] + 2 * padding, x_shape[2] + 2 * padding
-    dx_padded = sum(
-        jnp.pad(taps[:, :, :, i, j], ((0, 0), (i, padded_h - oh - i), (j, padded_w - ow - j), (0, 0)))
-        for i in range(k)
-        for j in range(k)
-    )
-    return dx_padded[:, padding : padding + x_shape[1], padding : padding + x_shape[2]]
-
-
 def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int):
     """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>: `_conv_kernel_grad_matmul` where it
     wins (`_matmul_kernel_grad_wins`), else the gradient of a VALID conv of the explicitly padded input:
@@ -272,9 +290,9 @@ def conv2d_fast(x, kernel, stride: int, padding: int):
     XLA:CPU formulation measured (docs/performance.md):
 
       forward          the conv itself (stride 1, no padding: see `_conv_forward`)
-      input gradient   stride 1: XLA's, or for kernels larger than dy one matmul into all taps
-                       (`_conv_input_grad_matmul`); stride > 1: the transposed conv of dy as per-phase
-                       ordinary convs (`_conv_transpose_forward`), not XLA's conv with lhs dilation
+      input gradient   the transposed conv of dy (`_conv_transpose_forward`: per-phase ordinary convs, or
+                       for kernels larger than dy one matmul into all taps), not XLA's conv with lhs
+                       dilation; stride 1 with a kernel smaller than dy: XLA's own
       kernel gradient  wide convs: one matmul per kernel row (`_conv_kernel_grad_matmul`); others: that
                        of a VALID conv of the zero-padded input (`_conv_kernel_grad`)
     """
@@ -287,14 +305,12 @@ def _conv2d_fast_fwd(x, kernel, stride, padding):
 
 def _conv2d_fast_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    if stride == 1 and _matmul_input_grad_wins(dy.shape, kernel.shape):
-        dx = _conv_input_grad_matmul(dy, kernel, x.shape, padding)
-    elif stride == 1:
+    if stride == 1 and not _matmul_transpose_wins(dy.shape, kernel.shape):
         pads = ((padding, padding), (padding, padding))
         dx = jax.vjp(lambda x: _conv(x, kernel, 1, pads), x)[1](dy)[0]
     else:
-        # The adjoint of a strided conv is the transposed conv with the same kernel array (its
-        # (k, k, C_out, C_in) layout read with C_out = this conv's C_in).
+        # The adjoint of a conv is the transposed conv with the same kernel array (its (k, k, C_out, C_in)
+        # layout read with C_out = this conv's C_in).
         op = _transpose_output_padding(x.shape, dy.shape, kernel.shape[0], stride, padding)
         dx = _conv_transpose_forward(dy, kernel, stride, padding, op)
     return dx, _conv_kernel_grad(x, dy, kernel.shape, stride, padding)
