@@ -170,7 +170,7 @@ def test_conv_transpose_fast_matches_xla(k, s, p, op, h, w):
     ],
 )
 def test_conv_transpose_matmul_matches_xla(k, s, p, op, h, w):
-    """Kernels larger than the input (`_matmul_transpose_wins`): one matmul into all taps, spread by stride."""
+    """Kernels larger than the input (`_matmul_transpose_wins`): one matmul into all taps, then by phase."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, h, w, 128)), jnp.float32)
     kernel = jnp.asarray(rng.standard_normal((k, k, 6, 128)) * 0.05, jnp.float32)  # (k, k, C_out, C_in)
