@@ -206,19 +206,29 @@ def test_instance_norm_vjp_matches_autodiff():
     assert _rel(h, h0) < 1e-4
 
 
-def test_fast_convs_are_differentiable_twice():
+@pytest.mark.parametrize(
+    "s,c_in,c_out",
+    [
+        (2, 3, 4),  # per-phase input gradient
+        (1, 16, 128),  # kernel larger than dy: the matmul input gradient (the aging D's 4th conv)
+        (2, 16, 128),
+    ],
+)
+def test_fast_convs_are_differentiable_twice(s, c_in, c_out):
     """Reverse over reverse through conv2d_fast (R1 penalties: the gradient of an input gradient)."""
     rng = np.random.default_rng(0)
-    x = jnp.asarray(rng.standard_normal((1, 8, 8, 3)), jnp.float32)
-    kernel = jnp.asarray(rng.standard_normal((4, 4, 3, 4)) * 0.1, jnp.float32)
+    x = jnp.asarray(rng.standard_normal((1, 8, 8, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((4, 4, c_in, c_out)) * 0.1, jnp.float32)
+    out = (8 + 2 - 4) // s + 1
+    assert layers._matmul_transpose_wins((1, out, out, c_out), kernel.shape) == (c_out >= 128)
 
     def penalty(conv, kernel):
         grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel))))(x)
         return jnp.sum(grad_x**2)
 
-    fast = jax.grad(penalty, argnums=1)(lambda x, k: layers.conv2d_fast(x, k, 2, 1), kernel)
+    fast = jax.grad(penalty, argnums=1)(lambda x, k: layers.conv2d_fast(x, k, s, 1), kernel)
     ref = jax.grad(penalty, argnums=1)(
-        lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC),
+        lambda x, k: jax.lax.conv_general_dilated(x, k, (s, s), ((1, 1), (1, 1)), dimension_numbers=NHWC),
         kernel,
     )
     assert _rel(fast, ref) < 1e-5
