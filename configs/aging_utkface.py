@@ -145,7 +145,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data.size = 64
         data.age_min, data.age_max = 0.0, 90.0
         data.eval_examples = 128
-        # Sized for under 10 minutes on 2 CPU cores (~6 steps/s, 9 min 20 s): a narrow model, batch 8,
+        # Sized for under 10 minutes on 2 CPU cores (~6 steps/s, 9 min 22 s): a narrow model, batch 8,
         # and a mask decoder (out = m c + (1 - m) x) so that identity detail need not be relearned through
         # the bottleneck and hair that greys is painted over as a whole: ground-truth L1 / copy 0.82 / 0.75
         # / 0.85 for seeds 0 / 1 / 2 at 2400 steps (one core each), against 0.95 / 0.85 / 0.85 with the
@@ -153,9 +153,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # artefacts (constant 0.3: 0.79 / - / 0.79; 0.1: 0.70 / 0.78 / 0.74) but may never get G to use
         # the target age (0.1 with loss.colour_weight 2 on 2 cores: ratio 1.00 throughout), so the weight
         # falls from 1 to 0 over the first two thirds of the run and stays 0 (the last third cleans up
-        # what fooling the judge left): 3000 steps, seeds 0-3 on one core 0.69 / 0.67 / 0.76 / 0.67, seeds
-        # 0-2 on 2 cores 0.69 / 0.69 / 0.72; falling over the whole run: 0.73 / 0.72 at 2400 steps,
-        # 0.67 / 0.67 at 3200 (README).
+        # what fooling the judge left): 3000 steps, seeds 0-3 on one core 0.67 / 0.62 / 0.68 / 0.68, seeds
+        # 0-2 on 2 cores 0.68 / 0.67 / 0.70 (earlier convolution code: 0.69 / 0.67 / 0.76 / 0.67 and
+        # 0.69 / 0.69 / 0.72); falling over the whole run: 0.73 / 0.72 at 2400 steps, 0.67 / 0.67 at 3200
+        # (README; those with earlier code too).
         # The age-conditioned D (an option of the paper) shows it what each age looks like (0.83 vs 0.92
         # with the unconditional one). D learns as fast as G: with D at 2e-4, seed 2 of 3 let G fool the
         # embedded age judge with artefacts instead of aging (1.44). Numbers: README, face aging.
