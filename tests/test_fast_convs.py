@@ -1,5 +1,6 @@
 """The custom-VJP convolutions and InstanceNorm of ganjax.models.layers against XLA's own ops: values,
-input gradients and kernel gradients agree to float32 rounding (1e-5 of the largest value)."""
+input gradients and kernel gradients agree to float32 rounding (1e-5 of the largest value; 5e-5 where the
+Winograd passes compute them)."""
 
 import functools
 
@@ -100,7 +101,7 @@ def test_matmul_kernel_grad_matches_xla(k, s, p, h, w, c_in, c_out):
 @pytest.mark.parametrize(
     "k,s,p,h,c_in,c_out",
     [
-        (3, 1, 0, 66, 64, 128),  # a wide 3x3 block conv after a reflection pad: 64 x 64 outputs
+        (4, 2, 1, 128, 64, 128),  # the PatchGAN's 64 -> 128 conv
         (3, 2, 1, 128, 64, 128),  # a wide down-sampling conv
     ],
 )
@@ -111,11 +112,65 @@ def test_conv2d_fast_wide_layers_match_xla(k, s, p, h, c_in, c_out):
     kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out)) * 0.05, jnp.float32)
     out = (h + 2 * p - k) // s + 1
     assert layers._matmul_kernel_grad_wins((1, out, out, c_out), kernel.shape)
+    assert not layers._winograd_wins(kernel.shape, s, p, x.dtype)
 
     def reference(x, kernel):
         return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
 
     _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+
+
+@pytest.mark.parametrize("m,r", [(4, 3), (3, 4)])
+def test_winograd_transforms_compute_a_correlation(m, r):
+    """In float64 the F(m x m, r x r) transforms are exact: (A^T x A^T)[(G x G) g * (B^T x B^T) d] is the
+    m x m VALID correlation of an n x n tile d with an r x r kernel g (forward and input gradient use
+    F(4, 3) / F(3, 4), the kernel gradient the same pair with the roles swapped)."""
+    n = m + r - 1
+    rng = np.random.default_rng(0)
+    d, g = rng.standard_normal((n, n)), rng.standard_normal((r, r))
+    bt, gg, at = layers._winograd_transforms(m, r)
+    got = (at @ ((gg @ g.ravel()) * (bt @ d.ravel()))).reshape(m, m)
+    want = np.array([[np.sum(d[i : i + r, j : j + r] * g) for j in range(m)] for i in range(m)])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_winograd_rule():
+    """Stride-1 3x3 and 4x4 float32 convs with >= 64 input and output channels take the Winograd passes:
+    the ResNets' residual blocks (ngf 16: 64 channels) and the PatchGAN's 256 -> 512 conv; not strided,
+    thin, 7x7, 1x1 or bfloat16 convs, nor the PatchGAN's 1-channel last conv."""
+    f32 = jnp.float32
+    assert layers._winograd_wins((3, 3, 64, 64), 1, 0, f32)
+    assert layers._winograd_wins((4, 4, 256, 512), 1, 1, f32)
+    assert not layers._winograd_wins((4, 4, 512, 1), 1, 1, f32)
+    assert not layers._winograd_wins((3, 3, 32, 64), 1, 0, f32)
+    assert not layers._winograd_wins((3, 3, 64, 128), 2, 1, f32)
+    assert not layers._winograd_wins((7, 7, 64, 64), 1, 0, f32)
+    assert not layers._winograd_wins((1, 1, 64, 64), 1, 0, f32)
+    assert not layers._winograd_wins((3, 3, 64, 64), 1, 0, jnp.bfloat16)
+    assert not layers._winograd_wins((3, 3, 64, 64), 1, 3, f32)  # padding > k - 1: no input gradient form
+
+
+@pytest.mark.parametrize(
+    "k,p,h,w,c_in,c_out",
+    [
+        (3, 0, 18, 18, 64, 64),  # ResNet block conv after a reflection pad: 16 x 16 outputs, 4 x 4 tiles
+        (3, 1, 9, 14, 64, 72),  # zero padding; sizes that are not a multiple of the tile
+        (4, 1, 10, 10, 64, 96),  # the PatchGAN's stride-1 conv: 9 x 9 outputs, 3 x 3 tiles
+        (4, 2, 7, 5, 80, 64),  # padding = k - 2, narrow image (fewer rows than one tile + kernel)
+    ],
+)
+def test_winograd_convs_match_xla(k, p, h, w, c_in, c_out):
+    """conv2d_fast's Winograd forward, input gradient and kernel gradient against XLA's conv: within 5e-5
+    of the largest value (float32; F(4x4, 3x3) rounds ~10x more than a direct conv)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, h, w, c_in)), jnp.float32)
+    kernel = jnp.asarray(rng.standard_normal((k, k, c_in, c_out)) / np.sqrt(k * k * c_in), jnp.float32)
+    assert layers._winograd_wins(kernel.shape, 1, p, x.dtype)
+
+    def reference(x, kernel):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)), dimension_numbers=NHWC)
+
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, 1, p), reference, x, kernel, tol=5e-5)
 
 
 def test_conv_transpose_fast_wide_layer_matches_xla():
@@ -212,6 +267,7 @@ def test_instance_norm_vjp_matches_autodiff():
         (2, 3, 4),  # per-phase input gradient
         (1, 16, 128),  # kernel larger than dy: the matmul input gradient (the aging D's 4th conv)
         (2, 16, 128),
+        (1, 64, 64),  # Winograd input and kernel gradients
     ],
 )
 def test_fast_convs_are_differentiable_twice(s, c_in, c_out):
@@ -231,4 +287,4 @@ def test_fast_convs_are_differentiable_twice(s, c_in, c_out):
         lambda x, k: jax.lax.conv_general_dilated(x, k, (s, s), ((1, 1), (1, 1)), dimension_numbers=NHWC),
         kernel,
     )
-    assert _rel(fast, ref) < 1e-5
+    assert _rel(fast, ref) < (5e-5 if layers._winograd_wins(kernel.shape, s, 1, x.dtype) else 1e-5)

@@ -127,6 +127,8 @@ def _conv_forward(x, kernel, stride: int, padding: int):
       8-19 -> <= 4 channels    zero input channels up to `_THIN_CONV_PADDED_C_IN` (16 -> 3: 14.6 -> 3.6 /
                                7.2 -> 2.0)
     """
+    if _winograd_wins(kernel.shape, stride, padding, x.dtype):
+        return _winograd_conv(_zero_pad(x, padding), kernel)
     if stride == 1 and padding == 0:
         c_in, c_out = kernel.shape[2], kernel.shape[3]
         if c_in <= 4 and c_out <= 16:
@@ -139,6 +141,127 @@ def _conv_forward(x, kernel, stride: int, padding: int):
             x, kernel = jnp.pad(x, extra), jnp.pad(kernel, extra[1:] + ((0, 0),))
         return _conv(x, kernel, 1, ((1, 1), (1, 1)))[:, 1:-1, 1:-1, :]
     return _conv(x, kernel, stride, ((padding, padding), (padding, padding)))
+
+
+# ---- Winograd convolutions ----------------------------------------------------------------------------
+#
+# F(m x m, r x r) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016) computes
+# an m x m tile of a stride-1 r x r conv from an n x n input tile (n = m + r - 1) with n^2 multiplies per
+# channel pair instead of m^2 r^2: the input tile and the kernel are transformed (B^T d B, G g G^T),
+# multiplied elementwise - over channels, one matmul per transformed position - and transformed back
+# (A^T . A).
+# F(4x4, 3x3) does a 3x3 conv with 4x fewer multiplies, F(3x3, 4x4) a 4x4 conv with 4x fewer.
+
+# Output tile m per kernel size (n = m + r - 1 = 6 for both).
+_WINOGRAD_TILE = {3: 4, 4: 3}
+# The Toom-Cook interpolation points of an n-point transform: n - 1 finite points, plus infinity. The
+# smallest integers, as cuDNN's and Lavin's F(4x4, 3x3).
+_WINOGRAD_POINTS = (0, 1, -1, 2, -2)
+# Narrower convs stay direct: their transforms cost more than the multiplies they save.
+_WINOGRAD_MIN_CHANNELS = 64
+
+
+@functools.cache
+def _winograd_transforms(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The 2-D transforms of F(m x m, r x r), float64: (B^T x B^T (n^2, n^2), G x G (n^2, r^2),
+    A^T x A^T (m^2, n^2)) (Kronecker products), so that for an n x n tile d and an r x r kernel g, both
+    flattened row-major, (A^T x A^T) [(G x G) g * (B^T x B^T) d] is their m x m VALID correlation.
+
+    1-D, from the Toom-Cook algorithm for the linear convolution s = g * h evaluated at the points p_j and
+    infinity, transposed (a correlation is the transpose of a convolution): A^T[i, j] = p_j^i,
+    G[j, k] = p_j^k / prod_{l != j}(p_j - p_l), row j of B^T the coefficients of prod_{l != j}(x - p_l), and
+    for the point at infinity the last column of A^T, the last row of G (unit vectors) and the coefficients
+    of prod_l (x - p_l)."""
+    n = m + r - 1
+    points = _WINOGRAD_POINTS[: n - 1]
+    if len(points) != n - 1:
+        raise ValueError(f"F({m}, {r}) needs {n - 1} interpolation points, {len(_WINOGRAD_POINTS)} defined")
+    bt, g, at = np.zeros((n, n)), np.zeros((n, r)), np.zeros((m, n))
+    for j, p in enumerate(points):
+        others = [q for q in points if q != p]
+        bt[j, : n - 1] = np.polynomial.polynomial.polyfromroots(others)
+        g[j] = [p**k / np.prod([p - q for q in others]) for k in range(r)]
+        at[:, j] = [p**i for i in range(m)]
+    bt[n - 1] = np.polynomial.polynomial.polyfromroots(points)
+    g[n - 1, r - 1] = at[m - 1, n - 1] = 1
+    return np.kron(bt, bt), np.kron(g, g), np.kron(at, at)
+
+
+def _winograd_wins(kernel_shape, stride: int, padding: int, dtype) -> bool:
+    """Whether `_winograd_conv` / `_winograd_kernel_grad` compute this conv's passes on XLA:CPU: stride-1
+    3x3 and 4x4 float32 convs with at least 64 input and output channels (the ResNets' residual blocks,
+    the PatchGAN's 256 -> 512 conv). Measured in whole pix2pix steps on two threads (interleaved with PyTorch
+    in one process): ResNet ngf 64 0.65x the time of the direct convs, ngf 16 0.82x (docs/performance.md).
+    bfloat16 stays direct: its rounding would be amplified by the transforms."""
+    k, _, c_in, c_out = kernel_shape
+    return (
+        stride == 1
+        and k in _WINOGRAD_TILE
+        and padding <= k - 1
+        and min(c_in, c_out) >= _WINOGRAD_MIN_CHANNELS
+        and dtype == jnp.float32
+    )
+
+
+def _winograd_tiles(x, m: int, n: int, rows: int, cols: int):
+    """(B, H, W, C) -> (n*n, B*rows*cols, C): the n x n tiles at stride m (tile (t, u) starts at row m*t,
+    column m*u), one strided slice per position in the tile; x has (rows - 1) * m + n rows and columns."""
+    b, c = x.shape[0], x.shape[3]
+    tiles = [
+        jax.lax.slice(x, (0, i, j, 0), (b, i + m * (rows - 1) + 1, j + m * (cols - 1) + 1, c), (1, m, m, 1))
+        for i in range(n)
+        for j in range(n)
+    ]
+    return jnp.stack(tiles).reshape(n * n, b * rows * cols, c)
+
+
+def _winograd_conv(x, kernel):
+    """VALID stride-1 conv of x (B, H, W, C_in) with kernel (r, r, C_in, C_out), r in `_WINOGRAD_TILE`, by
+    F(m x m, r x r): -> (B, H - r + 1, W - r + 1, C_out). Per transformed position one (tiles, C_in) @
+    (C_in, C_out) matmul; the transforms are matmuls with the Kronecker-squared 1-D transforms. Rounding
+    error about 1e-5 of the largest output, 10x that of a direct conv (all products are computed once, but
+    the transforms scale them by up to 8 before the cancelling sums), as cuDNN's and oneDNN's Winograd."""
+    r = kernel.shape[0]
+    m = _WINOGRAD_TILE[r]
+    n = m + r - 1
+    b, h, w, c_in = x.shape
+    c_out = kernel.shape[3]
+    out_h, out_w = h - r + 1, w - r + 1
+    rows, cols = -(-out_h // m), -(-out_w // m)
+    bt, g, at = (jnp.asarray(a, x.dtype) for a in _winograd_transforms(m, r))
+    x = jnp.pad(x, ((0, 0), (0, rows * m + r - 1 - h), (0, cols * m + r - 1 - w), (0, 0)))
+    v = (bt @ _winograd_tiles(x, m, n, rows, cols).reshape(n * n, -1)).reshape(n * n, -1, c_in)
+    u = (g @ kernel.reshape(r * r, -1)).reshape(n * n, c_in, c_out)
+    products = jax.lax.dot_general(v, u, (((2,), (1,)), ((0,), (0,))))  # (n*n, tiles, C_out)
+    y = (at @ products.reshape(n * n, -1)).reshape(m, m, b, rows, cols, c_out)
+    y = y.transpose(2, 3, 0, 4, 1, 5).reshape(b, rows * m, cols * m, c_out)
+    return y[:, :out_h, :out_w]
+
+
+def _winograd_kernel_grad(x, dy, kernel_size: int):
+    """d/dkernel of <VALID stride-1 conv(x, kernel), dy> for x (B, H, W, C_in), dy (B, H', W', C_out):
+    (r, r, C_in, C_out), r = kernel_size. dkernel[a, b] = sum_{y, z} x[y + a, z + b] dy[y, z] is, per
+    m x m block of dy, an r x r VALID correlation of an n x n block of x with that dy block, computed by
+    F(r x r, m x m) (the roles of output and kernel swapped); the sum over blocks is one
+    (C_in, tiles) @ (tiles, C_out) matmul per transformed position."""
+    r = kernel_size
+    m = _WINOGRAD_TILE[r]
+    n = r + m - 1
+    # x + 0 * dy[0, 0, 0, 0] (x itself for a finite dy) makes the tiles depend on dy: otherwise XLA shares
+    # them with the forward pass's (the same n x n tiles and transform) and holds every layer's until the
+    # backward pass (ResNet ngf 64 step: +12% temp memory, and no faster).
+    x = x + 0 * dy[0, 0, 0, 0]
+    b, out_h, out_w, c_out = dy.shape
+    h, w, c_in = x.shape[1:]
+    rows, cols = -(-out_h // m), -(-out_w // m)
+    bt, g, at = (jnp.asarray(a, x.dtype) for a in _winograd_transforms(r, m))
+    x = jnp.pad(x, ((0, 0), (0, rows * m + r - 1 - h), (0, cols * m + r - 1 - w), (0, 0)))
+    dy = jnp.pad(dy, ((0, 0), (0, rows * m - out_h), (0, cols * m - out_w), (0, 0)))
+    v = (bt @ _winograd_tiles(x, m, n, rows, cols).reshape(n * n, -1)).reshape(n * n, -1, c_in)
+    blocks = dy.reshape(b, rows, m, cols, m, c_out).transpose(2, 4, 0, 1, 3, 5).reshape(m * m, -1)
+    u = (g @ blocks).reshape(n * n, -1, c_out)
+    products = jax.lax.dot_general(v, u, (((1,), (1,)), ((0,), (0,))))  # (n*n, C_in, C_out)
+    return (at @ products.reshape(n * n, -1)).reshape(r, r, c_in, c_out)
 
 
 def _phase_taps(phase: int, kernel_size: int, stride: int, padding: int) -> dict[int, int]:
@@ -230,9 +353,10 @@ def _conv_transpose_matmul(x, kernel, stride: int, padding: int, output_padding:
 def _matmul_kernel_grad_wins(dy_shape, kernel_shape) -> bool:
     """Whether `_conv_kernel_grad_matmul` is the faster kernel gradient on XLA:CPU: wide convs over at least
     4096 output pixels. Measured on whole train steps (one core, interleaved): the ResNet ngf 64 pix2pix step
-    takes 0.84-0.86x the CPU time with it (its 256- and 128-channel convs, down-/up-sampling and the
-    PatchGAN's 64 -> 128 conv qualify); extending it to 16-/32-channel convs or the PatchGAN's 32 x 32 convs
-    made the ngf 16 / ngf 64 steps slower. (Timed alone, outside a step, the two take about the same time.)"""
+    took 0.84-0.86x the CPU time with it (its 256- and 128-channel convs, down-/up-sampling and the
+    PatchGAN's 64 -> 128 conv qualify; the stride-1 ones have since moved to `_winograd_kernel_grad`);
+    extending it to 16-/32-channel convs or the PatchGAN's 32 x 32 convs made the ngf 16 / ngf 64 steps
+    slower. (Timed alone, outside a step, the two take about the same time.)"""
     b, oh, ow, c_out = dy_shape
     return kernel_shape[2] >= 64 and c_out >= 128 and b * oh * ow >= 4096
 
@@ -264,10 +388,13 @@ def _conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, padding: int):
 
 
 def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int):
-    """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>: `_conv_kernel_grad_matmul` where it
-    wins (`_matmul_kernel_grad_wins`), else the gradient of a VALID conv of the explicitly padded input:
-    XLA:CPU's kernel gradient of a padded conv is slower, up to 6x for the ResNet's 7x7 head (3 output
-    channels) and 4x for the PatchGAN's last conv (1 channel)."""
+    """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>: `_winograd_kernel_grad` or
+    `_conv_kernel_grad_matmul` where they win (`_winograd_wins`, `_matmul_kernel_grad_wins`), else the
+    gradient of a VALID conv of the explicitly padded input: XLA:CPU's kernel gradient of a padded conv is
+    slower, up to 6x for the ResNet's 7x7 head (3 output channels) and 4x for the PatchGAN's last conv
+    (1 channel)."""
+    if _winograd_wins(kernel_shape, stride, padding, x.dtype):
+        return _winograd_kernel_grad(_zero_pad(x, padding), dy, kernel_shape[0])
     if _matmul_kernel_grad_wins(dy.shape, kernel_shape):
         return _conv_kernel_grad_matmul(x, dy, kernel_shape, stride, padding)
     x = _zero_pad(x, padding)
@@ -286,9 +413,12 @@ def _transpose_output_padding(in_shape, out_shape, kernel_size: int, stride: int
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv2d_fast(x, kernel, stride: int, padding: int):
     """`lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2)` (NHWC, HWIO) with
-    a custom VJP, for XLA:CPU. The values are those of the plain conv; each pass is the fastest exact
-    XLA:CPU formulation measured (docs/performance.md):
+    a custom VJP, for XLA:CPU. The values are those of the plain conv; each pass is the fastest
+    XLA:CPU formulation measured (docs/performance.md), all exact up to float32 rounding:
 
+      all three passes stride-1 3x3 / 4x4 float32 convs with >= 64 channels in and out
+                       (`_winograd_wins`): Winograd F(4x4, 3x3) / F(3x3, 4x4) (`_winograd_conv`,
+                       `_winograd_kernel_grad`; rounding ~1e-5 of the largest value, 10x a direct conv's)
       forward          the conv itself (stride 1, no padding: see `_conv_forward`)
       input gradient   the transposed conv of dy (`_conv_transpose_forward`: per-phase ordinary convs, or
                        for kernels larger than dy one matmul into all taps), not XLA's conv with lhs
@@ -305,7 +435,11 @@ def _conv2d_fast_fwd(x, kernel, stride, padding):
 
 def _conv2d_fast_bwd(stride, padding, residuals, dy):
     x, kernel = residuals
-    if stride == 1 and not _matmul_transpose_wins(dy.shape, kernel.shape):
+    k = kernel.shape[0]
+    if _winograd_wins(kernel.shape, stride, padding, dy.dtype):
+        # the full correlation of dy with the kernel flipped and its channels swapped
+        dx = _winograd_conv(_zero_pad(dy, k - 1 - padding), jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
+    elif stride == 1 and not _matmul_transpose_wins(dy.shape, kernel.shape):
         pads = ((padding, padding), (padding, padding))
         dx = jax.vjp(lambda x: _conv(x, kernel, 1, pads), x)[1](dy)[0]
     else:
