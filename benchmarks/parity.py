@@ -67,7 +67,7 @@ def main(argv=None):
     parser.add_argument("--archs", default=",".join(GENERATOR_ARCHS), help="comma-separated generators")
     parser.add_argument("--no_step", action="store_true", help="forward passes only")
     parser.add_argument("--no_float64", action="store_true", help="skip the float64 PyTorch step")
-    parser.add_argument("--conv_impl", default="auto", choices=("auto", "reference", "fast"))
+    parser.add_argument("--conv_impl", default="fast", choices=("auto", "reference", "fast", "winograd"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -175,7 +175,13 @@ def main(argv=None):
 
     for norm, input_nc in (("batch", 6), ("instance", 3)):
         forward = parity.discriminator_forward(
-            args.ngf, args.size, norm=norm, input_nc=input_nc, batch=args.batch, seed=args.seed
+            args.ngf,
+            args.size,
+            norm=norm,
+            input_nc=input_nc,
+            batch=args.batch,
+            seed=args.seed,
+            conv_impl=args.conv_impl,
         )
         row = {"network": f"patchgan ({norm}, {input_nc} ch)", "arch": "patchgan", "forward": forward}
         if norm == "batch" and d_updates:  # the steps' discriminator is pix2pix's

@@ -128,7 +128,7 @@ def _flax_nets(arch, ngf, ndf, net_g, net_d, conv_impl, dtype):
     gen, g_table = torch_io.generator_table(arch, ngf)
     disc, d_table = torch_io.discriminator_table(ndf, 3, "batch", input_nc=6)
     gen = gen.clone(conv_impl=conv_impl, dtype=DTYPES[dtype])
-    disc = disc.clone(dtype=DTYPES[dtype])
+    disc = disc.clone(conv_impl=conv_impl, dtype=DTYPES[dtype])
     g_vars = torch_io.variables_from_state_dict(parity.state_dict_arrays(net_g), g_table)
     d_vars = torch_io.variables_from_state_dict(parity.state_dict_arrays(net_d), d_table)
     return gen, g_vars, disc, d_vars

@@ -69,7 +69,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.ngf = 64  # channels of the first layer
     model.norm = "instance"  # "instance" (CycleGAN) or "batch"
     model.dropout = False  # CycleGAN's --no_dropout default
-    model.conv_impl = "auto"  # "fast" (exact rewrites for XLA:CPU), "reference" or "auto" (by backend)
+    # G and D convs: "auto" (by backend: "winograd" on CPU, "reference" elsewhere), "winograd" (XLA:CPU
+    # rewrites + Winograd for wide 3x3/4x4 convs), "fast" (the rewrites alone: XLA's rounding), "reference"
+    model.conv_impl = "auto"
 
     # ---- Discriminators D_A, D_B: PatchGAN ------------------------------------------------------
     config.disc = disc = ml_collections.ConfigDict()

@@ -59,7 +59,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     model.ngf = 64  # channels of the first layer
     model.norm = "batch"  # "batch" (pix2pix) or "instance"
     model.dropout = True  # dropout 0.5 in the U-Net's inner decoder levels / ResNet blocks
-    model.conv_impl = "auto"  # "fast" (exact rewrites for XLA:CPU), "reference" or "auto" (by backend)
+    # G and D convs: "auto" (by backend: "winograd" on CPU, "reference" elsewhere), "winograd" (XLA:CPU
+    # rewrites + Winograd for wide 3x3/4x4 convs), "fast" (the rewrites alone: XLA's rounding), "reference"
+    model.conv_impl = "auto"
 
     # ---- Discriminator: conditional PatchGAN on concat(input, image) -------------------------------
     config.disc = disc = ml_collections.ConfigDict()

@@ -66,7 +66,7 @@ def test_conv2d_fast_matches_xla(k, s, p, h, w, c_in, c_out):
     def reference(x, kernel):
         return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
 
-    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p, True), reference, x, kernel)
 
 
 def test_matmul_transpose_rule():
@@ -117,7 +117,7 @@ def test_conv2d_fast_wide_layers_match_xla(k, s, p, h, c_in, c_out):
     def reference(x, kernel):
         return jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)), dimension_numbers=NHWC)
 
-    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p), reference, x, kernel)
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, s, p, True), reference, x, kernel)
 
 
 @pytest.mark.parametrize("m,r", [(4, 3), (3, 4)])
@@ -170,7 +170,9 @@ def test_winograd_convs_match_xla(k, p, h, w, c_in, c_out):
     def reference(x, kernel):
         return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)), dimension_numbers=NHWC)
 
-    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, 1, p), reference, x, kernel, tol=5e-5)
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, 1, p, True), reference, x, kernel, tol=5e-5)
+    # without Winograd, the direct passes: XLA's rounding
+    _compare(lambda x, kernel: layers.conv2d_fast(x, kernel, 1, p, False), reference, x, kernel)
 
 
 def test_conv_transpose_fast_wide_layer_matches_xla():
@@ -282,7 +284,7 @@ def test_fast_convs_are_differentiable_twice(s, c_in, c_out):
         grad_x = jax.grad(lambda x: jnp.sum(jnp.tanh(conv(x, kernel))))(x)
         return jnp.sum(grad_x**2)
 
-    fast = jax.grad(penalty, argnums=1)(lambda x, k: layers.conv2d_fast(x, k, s, 1), kernel)
+    fast = jax.grad(penalty, argnums=1)(lambda x, k: layers.conv2d_fast(x, k, s, 1, True), kernel)
     ref = jax.grad(penalty, argnums=1)(
         lambda x, k: jax.lax.conv_general_dilated(x, k, (s, s), ((1, 1), (1, 1)), dimension_numbers=NHWC),
         kernel,

@@ -98,6 +98,7 @@ def test_build_generator_rejects_unknown_arch():
         *[(32, 6, "instance", 128, impl) for impl in ("reference", "fast")],
         *[(8, 9, "batch", 64, impl) for impl in ("reference", "fast")],
         (16, 9, "instance", 256, "fast"),  # full resolution: 64x64 residual blocks
+        (16, 9, "instance", 256, "winograd"),  # ... whose 64-channel convs take the Winograd passes
     ],
 )
 def test_resnet_matches_torch(ngf, num_blocks, norm, size, impl):
@@ -265,9 +266,9 @@ def test_bfloat16_compute():
     np.testing.assert_allclose(np.asarray(y16, np.float32), y32, atol=0.05)
 
 
-def test_auto_conv_impl_is_fast_on_cpu():
+def test_auto_conv_impl_is_winograd_on_cpu():
     assert jax.default_backend() == "cpu"
-    assert resolve_conv_impl("auto") == "fast"
+    assert resolve_conv_impl("auto") == "winograd"
     assert resolve_conv_impl("reference") == "reference"
     with pytest.raises(ValueError, match="conv_impl must be one of"):
         resolve_conv_impl("xla")

@@ -117,7 +117,9 @@ def generator_forward(arch, ngf, size, *, norm=None, batch=1, seed=0, conv_impl=
     return {**abs_diff(nchw(y), expected), "scale": float(np.abs(expected).max())}
 
 
-def discriminator_forward(ndf, size, *, n_layers=3, norm="batch", input_nc=6, batch=1, seed=0):
+def discriminator_forward(
+    ndf, size, *, n_layers=3, norm="batch", input_nc=6, batch=1, seed=0, conv_impl="auto"
+):
     """|D_torch(x) - D_flax(x)| ("max", "mean" over the logits) in eval mode for a reference PatchGAN
     converted by its state_dict, and "scale" = max |D_torch(x)|."""
     net = reference_discriminator(ndf, n_layers, norm, input_nc=input_nc, seed=seed).eval()
@@ -126,7 +128,7 @@ def discriminator_forward(ndf, size, *, n_layers=3, norm="batch", input_nc=6, ba
     xt, xj = images(batch, input_nc, size, seed)
     with torch.no_grad():
         expected = net(xt).numpy()
-    y = jax.jit(module.apply)(variables, xj)
+    y = jax.jit(module.clone(conv_impl=conv_impl).apply)(variables, xj)
     return {**abs_diff(nchw(y), expected), "scale": float(np.abs(expected).max())}
 
 
@@ -235,7 +237,7 @@ def pix2pix_step(
     net_d = reference_discriminator(ndf, n_layers, d_norm, input_nc=6, seed=seed + 1).train()
     gen, g_table = torch_io.generator_table(arch, ngf, norm)
     disc, d_table = torch_io.discriminator_table(ndf, n_layers, d_norm, input_nc=6)
-    gen = gen.clone(conv_impl=conv_impl)
+    gen, disc = gen.clone(conv_impl=conv_impl), disc.clone(conv_impl=conv_impl)
     g_vars = torch_io.variables_from_state_dict(state_dict_arrays(net_g), g_table)
     d_vars = torch_io.variables_from_state_dict(state_dict_arrays(net_d), d_table)
 

@@ -34,6 +34,7 @@ class PatchDiscriminator(nn.Module):
     norm: str = "instance"
     conditioning_dim: int = 0
     dtype: jnp.dtype = jnp.float32
+    conv_impl: str = "auto"  # layers.CONV_IMPLS
 
     @nn.compact
     def __call__(self, x, condition=None, train: bool = False):
@@ -45,10 +46,19 @@ class PatchDiscriminator(nn.Module):
         use_bias = self.norm == "instance"
 
         def conv(features, stride, name, bias=use_bias):
-            # All convs of the reference are k4, padding 1 (zero); impl "auto" (Conv2d's default) gives them
-            # the custom-VJP convs on CPU, whose strided input gradients and 1-channel kernel gradient are
-            # several times faster than XLA:CPU's own.
-            return Conv2d(features, 4, stride=stride, padding=1, use_bias=bias, dtype=self.dtype, name=name)
+            # All convs of the reference are k4, padding 1 (zero); conv_impl "auto" gives them the custom-VJP
+            # convs on CPU, whose strided input gradients and 1-channel kernel gradient are several times
+            # faster than XLA:CPU's own (and Winograd passes for the wide stride-1 conv).
+            return Conv2d(
+                features,
+                4,
+                stride=stride,
+                padding=1,
+                use_bias=bias,
+                impl=self.conv_impl,
+                dtype=self.dtype,
+                name=name,
+            )
 
         h = nn.leaky_relu(conv(self.ndf, 2, "conv_0", bias=True)(x), 0.2)
         for n in range(1, self.num_layers + 1):

@@ -76,7 +76,7 @@ def reflect_pad(x, pad: int):
 # "auto" picks "fast" on CPU and "reference" on accelerators.
 # ---------------------------------------------------------------------------------------------
 
-CONV_IMPLS = ("auto", "reference", "fast")
+CONV_IMPLS = ("auto", "reference", "fast", "winograd")
 
 # Weight init of the reference code (`init_weights(init_type="normal", gain=0.02)`).
 conv_init = nn.initializers.normal(stddev=0.02)
@@ -88,11 +88,16 @@ def bn_scale_init(key, shape, dtype=jnp.float32):
 
 
 def resolve_conv_impl(impl: str) -> str:
-    """Maps "auto" to "fast" on the CPU backend and to "reference" elsewhere."""
+    """Maps "auto" to "winograd" on the CPU backend and to "reference" elsewhere.
+
+    "reference": XLA's convolutions as written. "fast": `conv2d_fast` / `conv_transpose_fast`, direct
+    convolutions in the formulations XLA:CPU runs fastest (rounding as XLA's own). "winograd": "fast" plus
+    Winograd passes for wide stride-1 3x3 / 4x4 convs (`_winograd_wins`): 1.2-1.5x faster steps on CPU,
+    rounding ~3x a direct conv's (docs/performance.md); cross-framework parity checks use "fast"."""
     if impl not in CONV_IMPLS:
         raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "fast" if jax.default_backend() == "cpu" else "reference"
+        return "winograd" if jax.default_backend() == "cpu" else "reference"
     return impl
 
 
@@ -113,7 +118,7 @@ def _zero_pad(x, p: int):
 _THIN_CONV_PADDED_C_IN = 20
 
 
-def _conv_forward(x, kernel, stride: int, padding: int):
+def _conv_forward(x, kernel, stride: int, padding: int, winograd: bool):
     """conv2d(x, kernel, stride, zero padding) as XLA:CPU runs it fastest.
 
     A stride-1 conv without padding (after a reflection pad) is 3-30x slower as a VALID conv than with a
@@ -127,7 +132,7 @@ def _conv_forward(x, kernel, stride: int, padding: int):
       8-19 -> <= 4 channels    zero input channels up to `_THIN_CONV_PADDED_C_IN` (16 -> 3: 14.6 -> 3.6 /
                                7.2 -> 2.0)
     """
-    if _winograd_wins(kernel.shape, stride, padding, x.dtype):
+    if winograd and _winograd_wins(kernel.shape, stride, padding, x.dtype):
         return _winograd_conv(_zero_pad(x, padding), kernel)
     if stride == 1 and padding == 0:
         c_in, c_out = kernel.shape[2], kernel.shape[3]
@@ -154,9 +159,11 @@ def _conv_forward(x, kernel, stride: int, padding: int):
 
 # Output tile m per kernel size (n = m + r - 1 = 6 for both).
 _WINOGRAD_TILE = {3: 4, 4: 3}
-# The Toom-Cook interpolation points of an n-point transform: n - 1 finite points, plus infinity. The
-# smallest integers, as cuDNN's and Lavin's F(4x4, 3x3).
-_WINOGRAD_POINTS = (0, 1, -1, 2, -2)
+# The Toom-Cook interpolation points of the 6-point transforms: 5 finite points, plus infinity. With 1/2
+# and -2 in place of Lavin's 2 and -2 the float32 rounding error of F(4x4, 3x3) and F(3x3, 4x4) is a third
+# lower (rms 1.3e-6 vs 1.9e-6 of the output scale over 64 channels; a direct conv: 0.4-0.6e-6), as
+# Barabasz et al. ("Error analysis and improving the accuracy of Winograd convolution", 2020) found.
+_WINOGRAD_POINTS = (0, 1, -1, 0.5, -2)
 # Narrower convs stay direct: their transforms cost more than the multiplies they save.
 _WINOGRAD_MIN_CHANNELS = 64
 
@@ -218,9 +225,9 @@ def _winograd_tiles(x, m: int, n: int, rows: int, cols: int):
 def _winograd_conv(x, kernel):
     """VALID stride-1 conv of x (B, H, W, C_in) with kernel (r, r, C_in, C_out), r in `_WINOGRAD_TILE`, by
     F(m x m, r x r): -> (B, H - r + 1, W - r + 1, C_out). Per transformed position one (tiles, C_in) @
-    (C_in, C_out) matmul; the transforms are matmuls with the Kronecker-squared 1-D transforms. Rounding
-    error about 1e-5 of the largest output, 10x that of a direct conv (all products are computed once, but
-    the transforms scale them by up to 8 before the cancelling sums), as cuDNN's and oneDNN's Winograd."""
+    (C_in, C_out) matmul; the transforms are matmuls with the Kronecker-squared 1-D transforms. Rounding:
+    rms about 3x a direct conv's, up to ~1e-5 of the largest output (the transforms scale products by up
+    to 8 before sums that cancel), the accuracy class of cuDNN's and oneDNN's Winograd."""
     r = kernel.shape[0]
     m = _WINOGRAD_TILE[r]
     n = m + r - 1
@@ -387,13 +394,13 @@ def _conv_kernel_grad_matmul(x, dy, kernel_shape, stride: int, padding: int):
     return jnp.stack(rows).reshape(kh, c_out, kw, c_in).transpose(0, 2, 3, 1)
 
 
-def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int):
+def _conv_kernel_grad(x, dy, kernel_shape, stride: int, padding: int, winograd: bool):
     """d/dkernel of <conv2d(x, kernel, stride, zero padding), dy>: `_winograd_kernel_grad` or
     `_conv_kernel_grad_matmul` where they win (`_winograd_wins`, `_matmul_kernel_grad_wins`), else the
     gradient of a VALID conv of the explicitly padded input: XLA:CPU's kernel gradient of a padded conv is
     slower, up to 6x for the ResNet's 7x7 head (3 output channels) and 4x for the PatchGAN's last conv
     (1 channel)."""
-    if _winograd_wins(kernel_shape, stride, padding, x.dtype):
+    if winograd and _winograd_wins(kernel_shape, stride, padding, x.dtype):
         return _winograd_kernel_grad(_zero_pad(x, padding), dy, kernel_shape[0])
     if _matmul_kernel_grad_wins(dy.shape, kernel_shape):
         return _conv_kernel_grad_matmul(x, dy, kernel_shape, stride, padding)
@@ -410,14 +417,14 @@ def _transpose_output_padding(in_shape, out_shape, kernel_size: int, stride: int
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d_fast(x, kernel, stride: int, padding: int):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def conv2d_fast(x, kernel, stride: int, padding: int, winograd: bool):
     """`lax.conv_general_dilated(x, kernel, (stride, stride), ((padding, padding),) * 2)` (NHWC, HWIO) with
     a custom VJP, for XLA:CPU. The values are those of the plain conv; each pass is the fastest
     XLA:CPU formulation measured (docs/performance.md), all exact up to float32 rounding:
 
-      all three passes stride-1 3x3 / 4x4 float32 convs with >= 64 channels in and out
-                       (`_winograd_wins`): Winograd F(4x4, 3x3) / F(3x3, 4x4) (`_winograd_conv`,
+      all three passes with `winograd`, stride-1 3x3 / 4x4 float32 convs with >= 64 channels in
+                       and out (`_winograd_wins`): Winograd F(4x4, 3x3) / F(3x3, 4x4) (`_winograd_conv`,
                        `_winograd_kernel_grad`; rounding ~1e-5 of the largest value, 10x a direct conv's)
       forward          the conv itself (stride 1, no padding: see `_conv_forward`)
       input gradient   the transposed conv of dy (`_conv_transpose_forward`: per-phase ordinary convs, or
@@ -426,17 +433,17 @@ def conv2d_fast(x, kernel, stride: int, padding: int):
       kernel gradient  wide convs: one matmul per kernel row (`_conv_kernel_grad_matmul`); others: that
                        of a VALID conv of the zero-padded input (`_conv_kernel_grad`)
     """
-    return _conv_forward(x, kernel, stride, padding)
+    return _conv_forward(x, kernel, stride, padding, winograd)
 
 
-def _conv2d_fast_fwd(x, kernel, stride, padding):
-    return _conv_forward(x, kernel, stride, padding), (x, kernel)
+def _conv2d_fast_fwd(x, kernel, stride, padding, winograd):
+    return _conv_forward(x, kernel, stride, padding, winograd), (x, kernel)
 
 
-def _conv2d_fast_bwd(stride, padding, residuals, dy):
+def _conv2d_fast_bwd(stride, padding, winograd, residuals, dy):
     x, kernel = residuals
     k = kernel.shape[0]
-    if _winograd_wins(kernel.shape, stride, padding, dy.dtype):
+    if winograd and _winograd_wins(kernel.shape, stride, padding, dy.dtype):
         # the full correlation of dy with the kernel flipped and its channels swapped
         dx = _winograd_conv(_zero_pad(dy, k - 1 - padding), jnp.flip(kernel, (0, 1)).swapaxes(2, 3))
     elif stride == 1 and not _matmul_transpose_wins(dy.shape, kernel.shape):
@@ -447,7 +454,7 @@ def _conv2d_fast_bwd(stride, padding, residuals, dy):
         # layout read with C_out = this conv's C_in).
         op = _transpose_output_padding(x.shape, dy.shape, kernel.shape[0], stride, padding)
         dx = _conv_transpose_forward(dy, kernel, stride, padding, op)
-    return dx, _conv_kernel_grad(x, dy, kernel.shape, stride, padding)
+    return dx, _conv_kernel_grad(x, dy, kernel.shape, stride, padding, winograd)
 
 
 conv2d_fast.defvjp(_conv2d_fast_fwd, _conv2d_fast_bwd)
@@ -468,8 +475,8 @@ def _conv_transpose_fast_fwd(x, kernel, stride, padding, output_padding):
 
 def _conv_transpose_fast_bwd(stride, padding, output_padding, residuals, dy):
     x, kernel = residuals
-    dx = _conv_forward(dy, kernel, stride, padding)
-    return dx, _conv_kernel_grad(dy, x, kernel.shape, stride, padding)
+    dx = _conv_forward(dy, kernel, stride, padding, winograd=False)
+    return dx, _conv_kernel_grad(dy, x, kernel.shape, stride, padding, winograd=False)
 
 
 conv_transpose_fast.defvjp(_conv_transpose_fast_fwd, _conv_transpose_fast_bwd)
@@ -512,8 +519,8 @@ class Conv2d(nn.Module):
             y = jax.lax.conv_general_dilated(
                 x, kernel, (self.stride,) * 2, ((p, p), (p, p)), rhs_dilation=(d, d), dimension_numbers=_NHWC
             )
-        elif resolve_conv_impl(self.impl) == "fast":
-            y = conv2d_fast(x, kernel, self.stride, p)
+        elif resolve_conv_impl(self.impl) in ("fast", "winograd"):
+            y = conv2d_fast(x, kernel, self.stride, p, resolve_conv_impl(self.impl) == "winograd")
         else:
             y = _conv(x, kernel, self.stride, ((p, p), (p, p)))
         if self.use_bias:
@@ -545,7 +552,7 @@ class ConvTranspose2d(nn.Module):
         kernel = self.param("kernel", conv_init, (k, k, self.features, x.shape[-1]), jnp.float32)
         x = x.astype(self.dtype)
         kernel = kernel.astype(self.dtype)
-        if resolve_conv_impl(self.impl) == "fast":
+        if resolve_conv_impl(self.impl) in ("fast", "winograd"):  # no stride-1 transposed convs to speed up
             y = conv_transpose_fast(x, kernel, self.stride, p, op)
         else:
             pad = (k - 1 - p, k - 1 - p + op)

@@ -148,7 +148,11 @@ def make_generator(config) -> nn.Module:
 def make_discriminator(config) -> PatchDiscriminator:
     d = config.disc
     return PatchDiscriminator(
-        ndf=d.features, num_layers=d.num_layers, norm=d.norm, dtype=common.compute_dtype(config)
+        ndf=d.features,
+        num_layers=d.num_layers,
+        norm=d.norm,
+        dtype=common.compute_dtype(config),
+        conv_impl=config.model.conv_impl,  # one setting for G and D
     )
 
 
