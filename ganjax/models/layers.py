@@ -68,12 +68,13 @@ def reflect_pad(x, pad: int):
 #   Conv2d          kernel (k, k, C_in, C_out)  = torch weight (C_out, C_in, k, k).transpose(2, 3, 1, 0)
 #   ConvTranspose2d kernel (k, k, C_out, C_in)  = torch weight (C_in, C_out, k, k).transpose(2, 3, 1, 0)
 #   BatchNorm       params scale/bias (C,), batch_stats mean/var (C,)
-# Each conv layer has two implementations with the same parameters and the same outputs:
+# Each conv layer has three implementations with the same parameters and the same outputs:
 #   "reference": the literal layer (reflection pad + VALID conv, `lax.conv_transpose`) and XLA's autodiff;
 #   "fast":      `conv2d_fast` / `conv_transpose_fast`: the same function with a custom VJP, each of the
 #                forward pass, the input gradient and the kernel gradient written as the XLA:CPU
-#                convolution that runs fastest for it (see `conv2d_fast`, docs/performance.md).
-# "auto" picks "fast" on CPU and "reference" on accelerators.
+#                convolution that runs fastest for it (see `conv2d_fast`, docs/performance.md);
+#   "winograd":  "fast" with Winograd passes for the wide stride-1 3x3 / 4x4 convs (more rounding).
+# "auto" picks "winograd" on CPU and "reference" on accelerators.
 # ---------------------------------------------------------------------------------------------
 
 CONV_IMPLS = ("auto", "reference", "fast", "winograd")
@@ -425,7 +426,8 @@ def conv2d_fast(x, kernel, stride: int, padding: int, winograd: bool):
 
       all three passes with `winograd`, stride-1 3x3 / 4x4 float32 convs with >= 64 channels in
                        and out (`_winograd_wins`): Winograd F(4x4, 3x3) / F(3x3, 4x4) (`_winograd_conv`,
-                       `_winograd_kernel_grad`; rounding ~1e-5 of the largest value, 10x a direct conv's)
+                       `_winograd_kernel_grad`; rounding rms ~3x a direct conv's, up to ~1e-5 of the
+                       largest value)
       forward          the conv itself (stride 1, no padding: see `_conv_forward`)
       input gradient   the transposed conv of dy (`_conv_transpose_forward`: per-phase ordinary convs, or
                        for kernels larger than dy one matmul into all taps), not XLA's conv with lhs
