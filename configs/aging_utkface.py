@@ -154,9 +154,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # the target age (0.1 with loss.colour_weight 2 on 2 cores: ratio 1.00 throughout), so the weight
         # falls from 1 to 0 over the first two thirds of the run and stays 0 (the last third cleans up
         # what fooling the judge left): 3000 steps, seeds 0-3 on one core 0.67 / 0.62 / 0.68 / 0.68, seeds
-        # 0-2 on 2 cores 0.68 / 0.67 / 0.70 (earlier convolution code: 0.69 / 0.67 / 0.76 / 0.67 and
-        # 0.69 / 0.69 / 0.72); falling over the whole run: 0.73 / 0.72 at 2400 steps, 0.67 / 0.67 at 3200
-        # (README; those with earlier code too).
+        # 0-2 on 2 cores 0.68 / 0.67 / 0.70 (the Winograd D conv since: seed 0 on 2 cores 0.676; earlier
+        # convolution code: 0.69 / 0.67 / 0.76 / 0.67 and 0.69 / 0.69 / 0.72); falling over the whole run:
+        # 0.73 / 0.72 at 2400 steps, 0.67 / 0.67 at 3200 (README; those with earlier code too).
         # The age-conditioned D (an option of the paper) shows it what each age looks like (0.83 vs 0.92
         # with the unconditional one). D learns as fast as G: with D at 2e-4, seed 2 of 3 let G fool the
         # embedded age judge with artefacts instead of aging (1.44). Numbers: README, face aging.
